@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -117,7 +117,7 @@ def canonical_tau(
             rows = tau.reshape(()).expand(n_rows)
         else:
             shape = tuple(tau.shape)
-            if shape == tuple(rows_shape) + (1,):
+            if shape == (*rows_shape, 1):
                 shape = shape[:-1]
             if shape != tuple(rows_shape):
                 raise ValueError(
@@ -153,7 +153,8 @@ def check_cross_entropy_options(
         check_same_device(torch.empty(0, device=device), "the logits", **{class_weight_name: class_weight})
         if class_weight.shape != (vocab,):
             raise ValueError(
-                f"{class_weight_name} must have shape ({vocab},) (one weight per class), got {tuple(class_weight.shape)}"
+                f"{class_weight_name} must have shape ({vocab},) (one weight per class), "
+                f"got {tuple(class_weight.shape)}"
             )
 
 

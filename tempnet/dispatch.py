@@ -45,11 +45,7 @@ def triton_interpreter_enabled() -> bool:
 
 def _triton_problem(device: torch.device) -> str | None:
     """``None`` if the Triton backend can run on ``device``, else why not and what to do."""
-    if device.type == "cuda":
-        pass
-    elif device.type == "cpu" and triton_interpreter_enabled():
-        pass
-    else:
+    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())):
         return (f"backend='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set before "
                 f"tempnet is imported); got {device.type} tensors. Use backend='auto', 'cpp' or 'torch'")
     try:
@@ -111,8 +107,9 @@ def _choose_auto(device: torch.device) -> BackendChoice:
             return BackendChoice("cpp", _load_cpp(), "auto: CPU tensors, C++ extension built")
         except Exception as error:
             if not _warned_cpp_fallback:
+                first_line = str(error).splitlines()[0] if str(error) else repr(error)
                 warnings.warn(
-                    f"tempnet: the C++ extension did not build ({str(error).splitlines()[0] if str(error) else error!r}); "
+                    f"tempnet: the C++ extension did not build ({first_line}); "
                     f"falling back to the PyTorch reference. backend='cpp' shows the full compiler output.",
                     RuntimeWarning, stacklevel=3,
                 )
