@@ -1,0 +1,150 @@
+"""Fused linear + tempered cross-entropy (SPEC §1, §1b): ``linear_cross_entropy_rows``.
+
+``z = hidden @ weight.T (+ bias)`` is never held for all rows at once. Both passes walk the rows
+in chunks of ``C`` rows and reuse one ``(C, V)`` logits buffer in the inputs' dtype:
+
+- forward: ``z_chunk = hidden_chunk @ weight.T (+ bias)`` (cuBLAS), then the fused row kernel
+  (:mod:`tempnet.kernels._ce_row`, pass 1 only) gives the rows, ``lse`` and ``∂R/∂τ``;
+- backward: the chunk's logits are recomputed, the kernel's pass 2 (``lse`` given, per-row scale
+  ``g`` fused) overwrites them in place with ``g ⊙ ∂R/∂z``, and
+  ``grad_hidden_chunk = dz @ weight``, ``grad_weight += dz.T @ hidden_chunk``,
+  ``grad_bias += Σ_rows dz``.
+
+Chunk size rule (:func:`rows_per_chunk`): ``C = ⌊budget / (V · element_size)⌋`` rows, rounded
+down to a multiple of 128 when at least 128 (GEMM tiles), clamped to ``[1, N]``; ``budget`` is
+:data:`CHUNK_BYTES` (256 MiB), so the logits buffer never exceeds it (except for a single row
+wider than the budget). Peak extra memory is that buffer, plus for float16 / bfloat16 inputs a
+float32 ``(V, D)`` accumulator of ``grad_weight`` and a ``(⌊budget / (D · element_size)⌋, D)``
+slice of the per-chunk ``dz.T @ hidden`` product (so ``grad_weight`` sums chunks in float32);
+it scales with the chunk, never with ``N · V``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tempnet._options import CEOptions, compute_dtype
+from tempnet.kernels._ce_row import launch_ce_rows
+from tempnet.kernels.cross_entropy import class_weight_sum
+
+CHUNK_BYTES = 256 * 2**20
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def rows_per_chunk(n_rows: int, vocab: int, element_size: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that a ``(rows, vocab)`` buffer of ``element_size`` bytes fits ``budget``."""
+    rows = budget // (vocab * element_size)
+    if rows >= 128:
+        rows -= rows % 128
+    return max(1, min(n_rows, rows))
+
+
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``out (C, V) = hidden (C, D) @ weight.T (+ bias)`` in the inputs' dtype."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, dz: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``grad_weight += dz.T @ hidden``; half-precision products are summed in float32 by V-slices."""
+    if grad_weight.dtype == dz.dtype:
+        grad_weight.addmm_(dz.t(), hidden)
+        return
+    vocab, dim = grad_weight.shape
+    step = max(1, CHUNK_BYTES // (dim * dz.element_size()))
+    for start in range(0, vocab, step):
+        grad_weight[start:start + step] += torch.mm(dz[:, start:start + step].t(), hidden)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Rows and lse of ``hidden @ weight.T + bias``, recomputing logits chunk by chunk in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                tau: torch.Tensor, opts: CEOptions, grad_enabled: bool, chunk_rows: int | None,
+                block_v: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rows = hidden.shape[0]
+        vocab = weight.shape[0]
+        acc = compute_dtype(hidden.dtype)
+        device = hidden.device
+        bias_cast = None if bias is None else bias.to(hidden.dtype)
+        chunk = chunk_rows or rows_per_chunk(n_rows, vocab, hidden.element_size())
+        rows = torch.empty(n_rows, dtype=acc, device=device)
+        lse = torch.empty(n_rows, dtype=acc, device=device)
+        dtau = torch.empty(n_rows, dtype=acc, device=device) if grad_enabled and ctx.needs_input_grad[4] else None
+        weight_sum = class_weight_sum(opts, acc)
+        buffer = torch.empty(min(chunk, n_rows), vocab, dtype=hidden.dtype, device=device)
+        for start in range(0, n_rows, chunk):
+            end = min(start + chunk, n_rows)
+            logits = _logits_into(buffer[:end - start], hidden[start:end], weight, bias_cast)
+            launch_ce_rows(logits, target[start:end], tau[start:end], opts, weight_sum=weight_sum,
+                           rows=rows[start:end], lse=lse[start:end],
+                           dtau=None if dtau is None else dtau[start:end], block_v=block_v)
+        ctx.save_for_backward(hidden, weight, bias, target, tau, lse)
+        ctx.opts, ctx.chunk, ctx.block_v, ctx.dtau = opts, chunk, block_v, dtau
+        ctx.mark_non_differentiable(lse)
+        return rows, lse
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor, grad_lse: torch.Tensor):
+        del grad_lse  # lse carries no gradient
+        hidden, weight, bias, target, tau, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n_rows, dim = hidden.shape
+        vocab = weight.shape[0]
+        acc = compute_dtype(hidden.dtype)
+        grad_hidden = torch.empty((n_rows, dim), dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = torch.zeros((vocab, dim), dtype=acc if weight.dtype in _HALF else weight.dtype,
+                                      device=weight.device)
+        grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_bias else None
+        if need_hidden or need_weight or need_bias:
+            bias_cast = None if bias is None else bias.to(hidden.dtype)
+            weight_sum = class_weight_sum(ctx.opts, acc)
+            chunk = ctx.chunk
+            buffer = torch.empty(min(chunk, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+            for start in range(0, n_rows, chunk):
+                end = min(start + chunk, n_rows)
+                hidden_chunk = hidden[start:end]
+                dz = _logits_into(buffer[:end - start], hidden_chunk, weight, bias_cast)
+                launch_ce_rows(dz, target[start:end], tau[start:end], ctx.opts, weight_sum=weight_sum, rows=None,
+                               lse=lse[start:end], dtau=None, grad=dz, lse_given=True, scale=grad_rows[start:end],
+                               block_v=ctx.block_v)
+                if need_hidden:
+                    torch.mm(dz, weight, out=grad_hidden[start:end])
+                if need_weight:
+                    _accumulate_weight_grad(grad_weight, dz, hidden_chunk)
+                if need_bias:
+                    grad_bias += dz.sum(0, dtype=acc)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        grad_tau = None if ctx.dtau is None else (ctx.dtau * grad_rows).to(tau.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, grad_tau, None, None, None, None
+
+
+def linear_cross_entropy_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, tau: torch.Tensor,
+    opts: CEOptions, *, chunk_rows: int | None = None, block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row tempered CE of ``hidden @ weight.T (+ bias)`` without the ``(N, V)`` logits.
+
+    Args:
+        hidden: ``(N, D)``; weight: ``(V, D)`` (same dtype: float16 / bfloat16 / float32 /
+            float64); bias: ``(V,)`` or ``None``.
+        target: ``(N,)`` int64; tau: ``(N,)`` floating, possibly a stride-0 view.
+        opts: the options of SPEC §1b (``inplace_backward`` is irrelevant: the logits are internal).
+        chunk_rows: rows per chunk; default :func:`rows_per_chunk` (see the module docstring).
+        block_v: force the row kernel's block over ``V`` (tests).
+
+    Returns:
+        ``(rows, lse)``, ``(N,)`` each in float32 (float64 for float64 inputs); ``rows`` is
+        differentiable w.r.t. ``hidden``, ``weight``, ``bias`` and ``tau``, each gradient in its
+        input's dtype.
+    """
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, tau, opts, torch.is_grad_enabled(),
+                                          chunk_rows, block_v)
