@@ -48,7 +48,7 @@ def value_checks(enabled: bool) -> Iterator[None]:
         set_value_checks(previous)
 
 
-def _check_value(condition: torch.Tensor, message: str) -> None:
+def check_value(condition: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless every element of ``condition`` is true.
 
     CPU: checked now. CUDA: an asynchronous device-side assert (no host synchronisation).
@@ -125,8 +125,8 @@ def canonical_tau(
                     f"(one temperature per row, a trailing 1 allowed)"
                 )
             rows = tau.reshape(n_rows)
-        _check_value(torch.isfinite(rows.detach()), f"{name} must be finite everywhere; got inf or NaN")
-        _check_value(rows.detach() > 0, f"{name} must be > 0 everywhere; clamp it or predict it with a bounded head")
+        check_value(torch.isfinite(rows.detach()), f"{name} must be finite everywhere; got inf or NaN")
+        check_value(rows.detach() > 0, f"{name} must be > 0 everywhere; clamp it or predict it with a bounded head")
         return rows
     check_finite_scalar(tau, name, positive=True)
     return torch.full((), float(tau), dtype=default_dtype, device=device).expand(n_rows)
@@ -174,7 +174,7 @@ def canonical_target(target: torch.Tensor, rows_shape: torch.Size, vocab: int, i
         )
     flat = target.reshape(-1).long()
     in_range = ((flat >= 0) & (flat < vocab)) | (flat == ignore_index)
-    _check_value(in_range, f"target has values outside [0, {vocab}) that are not ignore_index={ignore_index}")
+    check_value(in_range, f"target has values outside [0, {vocab}) that are not ignore_index={ignore_index}")
     return flat
 
 
