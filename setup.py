@@ -1,10 +1,12 @@
 """Install tempnet; the Triton kernels in ``kernels/`` install as ``tempnet.kernels``.
 
 The C++ extension is built just in time on first use (ninja, cached). Set
-``TEMPNET_BUILD_CPP=1`` to build it ahead of time as ``tempnet._C`` instead.
+``TEMPNET_BUILD_CPP=1`` to build it ahead of time as ``tempnet._C`` instead (every ``csrc/*.cpp``,
+portable flags: ATen's scalar vector fallback, no CPU-specific instructions).
 """
 
 import os
+from glob import glob
 
 from setuptools import setup
 
@@ -14,7 +16,7 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("TEMPNET_BUILD_CPP") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    ext_modules = [CppExtension("tempnet._C", sources=["csrc/tempnet_ops.cpp"],
+    ext_modules = [CppExtension("tempnet._C", sources=sorted(glob("csrc/*.cpp")),
                                 extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension}
 
