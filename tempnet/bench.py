@@ -327,41 +327,46 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
             Case("contrastive", {"B": 4096, "D": 768}, "float32", "dro")]
 
 
+def _run_case(case: Case, device: torch.device, ceilings: dict[str, float], repeats: int, warmup: int,
+              measure_memory: bool, progress: Callable[[str], None]) -> list[Result]:
+    inputs = make_inputs(case, device)
+    unit, work = _work(case)
+    ceiling = ceilings["copy_GBps"] if unit == "GB/s" else ceilings["matmul_TFLOPs"]
+    case_results = []
+    for name, fn in implementations(case, device).items():
+        progress(f"{case.label}: {name}")
+        result = Result(case, name)
+        try:
+            result.forward_ms, result.backward_ms, result.total_ms = time_impl(fn, inputs, device, repeats, warmup)
+            scale = 1e6 if unit == "GB/s" else 1e9
+            result.throughput = work / result.total_ms / scale
+            result.note = f"{100 * result.throughput / ceiling:.0f}% of measured {unit} ceiling"
+            if measure_memory:
+                on_gpu = device.type == "cuda"
+                result.peak_mb = gpu_peak_mb(fn, inputs, device) if on_gpu else cpu_peak_mb(case, name)
+        except torch.OutOfMemoryError:
+            result.note = "out of memory"
+        case_results.append(result)
+    first = case_results[0]
+    for other in case_results[1:]:
+        if first.total_ms and other.total_ms:
+            other.ratio_to_first = other.total_ms / first.total_ms
+    return case_results
+
+
 def run(cases: list[Case], device: torch.device, repeats: int, warmup: int, measure_memory: bool,
         progress: Callable[[str], None] = print) -> tuple[dict, list[Result]]:
-    tempnet.set_value_checks(False)
-    ceilings = measure_ceilings(device)
-    results: list[Result] = []
-    for case in cases:
-        inputs = make_inputs(case, device)
-        unit, work = _work(case)
-        ceiling = ceilings["copy_GBps"] if unit == "GB/s" else ceilings["matmul_TFLOPs"]
-        case_results = []
-        for name, fn in implementations(case, device).items():
-            progress(f"{case.label}: {name}")
-            result = Result(case, name)
-            try:
-                result.forward_ms, result.backward_ms, result.total_ms = time_impl(fn, inputs, device, repeats, warmup)
-                scale = 1e6 if unit == "GB/s" else 1e9
-                result.throughput = work / result.total_ms / scale
-                result.note = f"{100 * result.throughput / ceiling:.0f}% of measured {unit} ceiling"
-                if measure_memory:
-                    on_gpu = device.type == "cuda"
-                    result.peak_mb = gpu_peak_mb(fn, inputs, device) if on_gpu else cpu_peak_mb(case, name)
-            except torch.OutOfMemoryError:
-                result.note = "out of memory"
-            case_results.append(result)
-        ours = case_results[0]
-        for other in case_results[1:]:
-            if ours.total_ms and other.total_ms:
-                other.ratio_to_first = other.total_ms / ours.total_ms
-        results += case_results
-        del inputs
+    """Measure every implementation of every case (value checks off while timing); return (meta, results)."""
+    with tempnet.value_checks(False):
+        ceilings = measure_ceilings(device)
+        results = [r for case in cases for r in _run_case(case, device, ceilings, repeats, warmup, measure_memory,
+                                                          progress)]
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
         "triton": _version("triton"), "tempnet": tempnet.__version__,
+        "tempnet_backend": tempnet.choose_backend("auto", device).name,
         "cuda_driver": _cuda_driver() if device.type == "cuda" else None,
         "value_checks": False, "repeats": repeats, "warmup": warmup, "ceilings": ceilings,
         "timing": "median wall time; backward = (forward+backward) - forward",

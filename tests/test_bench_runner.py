@@ -5,12 +5,15 @@ import json
 import torch
 
 from tempnet import bench
+from tempnet._validation import value_checks_enabled
 
 
 def test_runner_measures_every_implementation_and_writes_reports(tmp_path):
     cases = [bench.Case("ce", {"N": 32, "V": 300}, "float32", "dro")]
     meta, results = bench.run(cases, torch.device("cpu"), repeats=2, warmup=1, measure_memory=True,
                               progress=lambda _: None)
+    assert value_checks_enabled(), "the runner must restore the value checks it switched off"
+    assert meta["tempnet_backend"] == "cpp"
     names = [r.impl for r in results]
     assert names[0] == "tempnet" and {"eager", "torch.compile", "tempnet inplace_backward"} <= set(names)
     for result in results:
