@@ -22,6 +22,7 @@
 //       row_scale_i · ∂R_i/∂z_i. rows, lse and dtau = ∂R_i/∂τ_i (unscaled) are (N,) in the
 //       accumulation dtype; all three are 0 at ignored rows, whose gradient row is zeroed.
 //   scale_rows_(grad, scale) -> ()      grad[i, :] *= scale[i], in place.
+//   softcap_tanh(x) -> tanh(x)          the softcap's tanh, float32 / float64 (for its accuracy test).
 //   linear_ce(hidden, weight, bias?, target, tau, class_weight?, row_scale?, grad_mask, chunk_rows,
 //             rho?, ignore_index, softcap?, label_smoothing, z_loss)
 //       -> (rows, lse, dtau, grad_hidden, grad_weight, grad_bias)
@@ -108,45 +109,47 @@ at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) {
   }
 }
 
-// tanh for the softcap. float32: sign(x)·(1 − e)/(1 + e) with e = exp(−2|x|), absolute error of a
-// few ulp of 1 at a third of the cost of SLEEF's tanh; float64 (the accuracy reference): SLEEF.
+// tanh for the softcap: float32 the rational approximation of common.h (≤ 6 ulp), float64 (the accuracy
+// reference) SLEEF's 1-ulp tanh.
 template <typename acc_t>
 at::vec::Vectorized<acc_t> softcap_tanh(const at::vec::Vectorized<acc_t>& x) {
-  using Vec = at::vec::Vectorized<acc_t>;
   if constexpr (std::is_same_v<acc_t, double>) {
     return x.tanh();
   } else {
-    const Vec one(acc_t(1));
-    const Vec e = fast_exp(x.abs() * Vec(acc_t(-2)));
-    const Vec t = (one - e) / (one + e);
-    return Vec::blendv(t, -t, x < Vec(acc_t(0)));
+    return tempnet::tanh_rational(x);
   }
 }
 
-// u[0:n] = c(z) / τ; with softcap and `chain` also chain[0:n] = 1 − tanh²(z / cap) = ∂c/∂z.
+// u[0:n] = c(z) / τ; with softcap and `chain` also chain[0:n] = 1 − tanh²(z / cap) = ∂c/∂z. Float32 logits are
+// read in place, other storage types are first converted into u.
 template <typename scalar_t, typename acc_t>
 void tempered_block(const scalar_t* z, acc_t* u, acc_t* chain, int64_t n, acc_t inv_tau, const Options<acc_t>& o) {
   using Vec = at::vec::Vectorized<acc_t>;
-  tempnet::load_as(z, u, n);
+  const acc_t* src;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    src = z;
+  } else {
+    tempnet::load_as(z, u, n);
+    src = u;
+  }
   const int64_t nv = n - n % Vec::size();
   int64_t k = 0;
   if (!o.softcap) {
     const Vec scale(inv_tau);
-    for (; k < nv; k += Vec::size()) (Vec::loadu(u + k) * scale).store(u + k);
-    for (; k < n; ++k) u[k] *= inv_tau;
+    for (; k < nv; k += Vec::size()) (Vec::loadu(src + k) * scale).store(u + k);
+    for (; k < n; ++k) u[k] = src[k] * inv_tau;
     return;
   }
+  // The tail goes through the same vector tanh (partial load / store), so a column's value does not
+  // depend on its position in the row.
   const Vec inv_cap(o.inv_cap), scale(o.cap * inv_tau), one(acc_t(1));
-  for (; k < nv; k += Vec::size()) {
-    const Vec t = softcap_tanh(Vec::loadu(u + k) * inv_cap);
-    (t * scale).store(u + k);
-    if (chain != nullptr) (one - t * t).store(chain + k);
-  }
-  for (; k < n; ++k) {
-    const acc_t t = std::tanh(u[k] * o.inv_cap);
-    u[k] = t * o.cap * inv_tau;
-    if (chain != nullptr) chain[k] = acc_t(1) - t * t;
-  }
+  auto capped = [&](int64_t j, int64_t count) {
+    const Vec t = softcap_tanh(Vec::loadu(src + j, count) * inv_cap);
+    (t * scale).store(u + j, count);
+    if (chain != nullptr) at::vec::fnmadd(t, t, one).store(chain + j, count);
+  };
+  for (; k < nv; k += Vec::size()) capped(k, Vec::size());
+  if (k < n) capped(k, n - k);
 }
 
 // Block max (NaN-propagating) and, when `smooth`, Σ w u over the block (w = 1 without weights).
@@ -415,6 +418,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward(
   return {rows, lse, dtau};
 }
 
+// tanh(x) elementwise as the softcap computes it (float32 / float64), exposed for its accuracy test.
+at::Tensor softcap_tanh_op(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "tempnet_softcap_tanh", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t n = in.numel();
+    for (int64_t k = 0; k < n; k += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - k);
+      softcap_tanh(Vec::loadu(src + k, count)).store(dst + k, count);
+    }
+  });
+  return out;
+}
+
 void scale_rows_(at::Tensor grad, const at::Tensor& scale) {
   TORCH_CHECK(grad.dim() == 2 && (grad.size(1) == 1 || grad.stride(1) == 1), "grad must be (N, V), unit column stride");
   const int64_t n_rows = grad.size(0), vocab = grad.size(1);
@@ -489,6 +510,7 @@ TORCH_LIBRARY_FRAGMENT(tempnet_cpp, m) {
         "Tensor(a!)? grad, float? rho, int ignore_index, float? softcap, float label_smoothing, float z_loss) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
+  m.def("softcap_tanh(Tensor x) -> Tensor");
   m.def("linear_ce(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor tau, Tensor? class_weight, "
         "Tensor? row_scale, bool[3] grad_mask, int chunk_rows, float? rho, int ignore_index, float? softcap, "
         "float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -497,5 +519,6 @@ TORCH_LIBRARY_FRAGMENT(tempnet_cpp, m) {
 TORCH_LIBRARY_IMPL(tempnet_cpp, CPU, m) {
   m.impl("ce_forward", &ce_forward);
   m.impl("scale_rows_", &scale_rows_);
+  m.impl("softcap_tanh", &softcap_tanh_op);
   m.impl("linear_ce", &linear_ce);
 }

@@ -207,6 +207,50 @@ def test_no_gradient_buffer_without_requires_grad() -> None:
                                               backend="cpp").grad_fn is None
 
 
+def test_softcap_tanh_accuracy_over_the_whole_range() -> None:
+    """float32: the rational tanh of csrc/common.h within 5e-7 relative (a few ulp) of tanh, odd, |tanh| ≤ 1,
+    ±inf → ±1, NaN → NaN, tiny and subnormal inputs returned unchanged; float64: SLEEF's tanh."""
+    magnitudes = torch.logspace(-45, 38, 40_001)  # down to float32 subnormals, up to near float32 max
+    x = torch.cat([torch.linspace(-12.0, 12.0, 240_001), magnitudes, -magnitudes,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3.4e38, -3.4e38, 1e-45, -1e-45])])
+    out = torch.ops.tempnet_cpp.softcap_tanh(x)
+    ref = torch.tanh(x.double())
+    assert out.dtype == torch.float32
+    rel = (out.double() - ref).abs() / ref.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    assert rel.max() < 5e-7
+    assert out.abs().max() <= 1.0
+    torch.testing.assert_close(torch.ops.tempnet_cpp.softcap_tanh(-x), -out, rtol=0, atol=0)
+    tiny = x.abs() < 1e-4
+    assert torch.equal(out[tiny], x[tiny]) and torch.equal(out[tiny].signbit(), x[tiny].signbit())
+    assert out[x == float("inf")].eq(1.0).all() and out[x == float("-inf")].eq(-1.0).all()
+
+    nan = torch.tensor([0.5, float("nan"), -2.0, 1.0, 3.0, float("nan"), 7.0, 0.0, -1.0, float("nan"), 2.0])
+    out_nan = torch.ops.tempnet_cpp.softcap_tanh(nan)  # 11 elements: full vectors and a partial tail
+    assert torch.equal(out_nan.isnan(), nan.isnan())
+    torch.testing.assert_close(out_nan[~nan.isnan()], torch.tanh(nan[~nan.isnan()]), rtol=5e-7, atol=0)
+
+    exact = torch.ops.tempnet_cpp.softcap_tanh(x.double())
+    torch.testing.assert_close(exact, ref, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("rho", [None, 2.0])
+def test_softcap_with_non_finite_logits(rho) -> None:
+    """With a softcap ±inf logits are capped to ±cap (finite loss, zero gradient there); NaN stays in its row."""
+    torch.manual_seed(9)
+    logits = torch.randn(3, 45) * 3
+    logits[0, 4], logits[0, 44] = float("inf"), float("-inf")
+    logits[2, 10] = float("nan")
+    target = torch.tensor([3, 44, 1])
+    tau = torch.tensor([0.7, 1.2, 0.9])
+    ours = _both(logits, target, tau, "cpp", rho=rho, softcap=5.0)
+    ref = _both(logits.double(), target, tau.double(), "torch", rho=rho, softcap=5.0)
+    assert torch.isnan(ours[0][2])
+    assert ours[2][0, 4] == 0 and ours[2][0, 44] == 0
+    for out, expected, tol in zip(ours, ref, (1e-5, 1e-5, 1e-4, 1e-4), strict=True):
+        assert torch.isfinite(out[:2]).all()
+        assert _relative_error(out[:2], expected[:2]) < tol
+
+
 @pytest.mark.parametrize("rho", [None, 1.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("all_on", [False, True])
