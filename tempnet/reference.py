@@ -39,9 +39,14 @@ def cross_entropy_rows(
     safe_target = torch.where(valid, target, 0)
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
-    u = z / t[:, None]
-    lse = torch.logsumexp(u, dim=-1)
-    nll_target = lse - u.gather(1, safe_target[:, None]).squeeze(1)  # ℓ_y = lse(u) − u_y
+    # Shift each row by its (constant) max before dividing by τ: u − max(u) is formed without
+    # cancellation, so ℓ and its τ-gradient stay accurate when |z|/τ is large.
+    row_max = z.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    u = (z - shift) / t[:, None]  # u_k − max_k z_k / τ
+    lse_shifted = torch.logsumexp(u, dim=-1)
+    lse = lse_shifted + shift.squeeze(1) / t  # lse of the unshifted z / τ
+    nll_target = lse_shifted - u.gather(1, safe_target[:, None]).squeeze(1)  # ℓ_y = lse(u) − u_y
 
     eps = opts.label_smoothing
     if opts.class_weight is not None:
@@ -54,7 +59,7 @@ def cross_entropy_rows(
         w_total = torch.tensor(float(vocab), dtype=dtype, device=logits.device)
     rows = (1.0 - eps) * w_target * nll_target
     if eps > 0:
-        nll_all = lse[:, None] - u  # ℓ_k for every class k
+        nll_all = lse_shifted[:, None] - u  # ℓ_k for every class k
         smooth = (nll_all * w).sum(-1) if w is not None else nll_all.sum(-1)
         rows = rows + (eps / vocab) * smooth
     if opts.rho is not None:
@@ -101,8 +106,10 @@ def contrastive_side(
     pos_index = torch.arange(n_anchor, device=anchors.device) + offset
     positive = sim.gather(1, pos_index[:, None]).squeeze(1)
     t = tau.to(dtype)
+    # lse_j(s_ij/τ) − s_i,pos/τ = lse_j((s_ij − s_i,pos)/τ): the shifted form avoids cancellation.
+    shifted = (sim - positive[:, None]) / t[:, None]
     if rho is None:
-        return torch.logsumexp(sim / t[:, None], dim=-1) - positive / t
+        return torch.logsumexp(shifted, dim=-1)
     is_positive = torch.arange(n_cand, device=anchors.device)[None, :] == pos_index[:, None]
-    shifted = ((sim - positive[:, None]) / t[:, None]).masked_fill(is_positive, float("-inf"))
+    shifted = shifted.masked_fill(is_positive, float("-inf"))
     return t * (torch.logsumexp(shifted, dim=-1) - math.log(n_cand - 1)) + rho * t
