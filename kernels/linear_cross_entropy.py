@@ -1,7 +1,8 @@
 """Fused linear + tempered cross-entropy (SPEC §1, §1b): ``linear_cross_entropy_rows``.
 
 ``z = hidden @ weight.T (+ bias)`` is never held for all rows at once. Both passes walk the rows
-in chunks of ``C`` rows and reuse one ``(C, V)`` logits buffer in the inputs' dtype:
+in chunks of ``C`` rows and reuse one ``(C, V)`` logits buffer in the accumulation dtype (float32 for
+half-precision inputs, so the logits are never rounded to bfloat16 before ``/ τ``):
 
 - forward: ``z_chunk = hidden_chunk @ weight.T (+ bias)`` (cuBLAS), then the fused row kernel
   (:mod:`tempnet.kernels._ce_row`, pass 1 only) gives the rows, ``lse`` and ``∂R/∂τ``;
@@ -10,7 +11,7 @@ in chunks of ``C`` rows and reuse one ``(C, V)`` logits buffer in the inputs' dt
   ``grad_hidden_chunk = dz @ weight``, ``grad_weight += dz.T @ hidden_chunk``,
   ``grad_bias += Σ_rows dz``.
 
-Chunk size rule (:func:`rows_per_chunk`): ``C = ⌊budget / (V · element_size)⌋`` rows, rounded
+Chunk size rule (:func:`rows_per_chunk`): ``C = ⌊budget / (V · 4)⌋`` rows (8 for float64), rounded
 down to a multiple of 128 when at least 128 (GEMM tiles), clamped to ``[1, N]``; ``budget`` is
 :data:`CHUNK_BYTES` (256 MiB), so the logits buffer never exceeds it (except for a single row
 wider than the budget). Peak extra memory is that buffer, plus for float16 / bfloat16 inputs a
@@ -41,21 +42,42 @@ def rows_per_chunk(n_rows: int, vocab: int, element_size: int, budget: int = CHU
 
 def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``out (C, V) = hidden (C, D) @ weight.T (+ bias)`` in the inputs' dtype."""
+    """``out (C, V) = hidden (C, D) @ weight.T (+ bias)``, ``out`` in the accumulation dtype.
+
+    Half-precision inputs give float32 logits: rounding them to bfloat16 before ``/ τ`` would
+    move ``u`` by up to ``|z| · 2⁻⁸ / τ``. On CUDA the GEMM accumulates in float32 and writes
+    float32 directly; elsewhere the operands are upcast.
+    """
+    if out.dtype != hidden.dtype:
+        if hidden.is_cuda:
+            out.copy_(torch.mm(hidden, weight.t(), out_dtype=out.dtype))
+        else:
+            torch.mm(hidden.to(out.dtype), weight.t().to(out.dtype), out=out)
+        return out if bias is None else out.add_(bias.to(out.dtype))
     if bias is None:
         return torch.mm(hidden, weight.t(), out=out)
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+def _half_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` for a float32 ``a`` (a gradient chunk) and a half ``b``, rounded to ``b``'s dtype
+    at the end (``out`` in ``b``'s dtype) or kept in float32 (``out is None``)."""
+    on_gpu = a.is_cuda
+    product = torch.mm(a.to(b.dtype), b, out_dtype=torch.float32) if on_gpu else torch.mm(a, b.to(a.dtype))
+    if out is None:
+        return product
+    return out.copy_(product)
+
+
 def _accumulate_weight_grad(grad_weight: torch.Tensor, dz: torch.Tensor, hidden: torch.Tensor) -> None:
     """``grad_weight += dz.T @ hidden``; half-precision products are summed in float32 by V-slices."""
-    if grad_weight.dtype == dz.dtype:
+    if hidden.dtype == dz.dtype:
         grad_weight.addmm_(dz.t(), hidden)
         return
     vocab, dim = grad_weight.shape
     step = max(1, CHUNK_BYTES // (dim * dz.element_size()))
     for start in range(0, vocab, step):
-        grad_weight[start:start + step] += torch.mm(dz[:, start:start + step].t(), hidden)
+        grad_weight[start:start + step] += _half_mm(dz[:, start:start + step].t(), hidden)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -70,12 +92,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         acc = compute_dtype(hidden.dtype)
         device = hidden.device
         bias_cast = None if bias is None else bias.to(hidden.dtype)
-        chunk = chunk_rows or rows_per_chunk(n_rows, vocab, hidden.element_size())
+        chunk = chunk_rows or rows_per_chunk(n_rows, vocab, torch.finfo(acc).bits // 8)
         rows = torch.empty(n_rows, dtype=acc, device=device)
         lse = torch.empty(n_rows, dtype=acc, device=device)
         dtau = torch.empty(n_rows, dtype=acc, device=device) if grad_enabled and ctx.needs_input_grad[4] else None
         weight_sum = class_weight_sum(opts, acc)
-        buffer = torch.empty(min(chunk, n_rows), vocab, dtype=hidden.dtype, device=device)
+        buffer = torch.empty(min(chunk, n_rows), vocab, dtype=acc, device=device)
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
             logits = _logits_into(buffer[:end - start], hidden[start:end], weight, bias_cast)
@@ -105,7 +127,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             bias_cast = None if bias is None else bias.to(hidden.dtype)
             weight_sum = class_weight_sum(ctx.opts, acc)
             chunk = ctx.chunk
-            buffer = torch.empty(min(chunk, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+            buffer = torch.empty(min(chunk, n_rows), vocab, dtype=acc, device=hidden.device)
             for start in range(0, n_rows, chunk):
                 end = min(start + chunk, n_rows)
                 hidden_chunk = hidden[start:end]
@@ -113,8 +135,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 launch_ce_rows(dz, target[start:end], tau[start:end], ctx.opts, weight_sum=weight_sum, rows=None,
                                lse=lse[start:end], dtau=None, grad=dz, lse_given=True, scale=grad_rows[start:end],
                                block_v=ctx.block_v)
-                if need_hidden:
+                if need_hidden and dz.dtype == weight.dtype:
                     torch.mm(dz, weight, out=grad_hidden[start:end])
+                elif need_hidden:
+                    _half_mm(dz, weight, out=grad_hidden[start:end])
                 if need_weight:
                     _accumulate_weight_grad(grad_weight, dz, hidden_chunk)
                 if need_bias:
