@@ -10,7 +10,7 @@ from glob import glob
 
 from setuptools import setup
 
-packages = ["tempnet", "tempnet.backends", "tempnet.kernels", "tempnet.csrc"]
+packages = ["tempnet", "tempnet.backends", "tempnet.demo", "tempnet.integrations", "tempnet.kernels", "tempnet.csrc"]
 package_dir = {"tempnet": "tempnet", "tempnet.kernels": "kernels", "tempnet.csrc": "csrc"}
 ext_modules, cmdclass = [], {}
 if os.environ.get("TEMPNET_BUILD_CPP") == "1":
@@ -29,7 +29,7 @@ setup(
     package_dir=package_dir,
     package_data={"tempnet.csrc": ["*.cpp", "*.h"]},
     install_requires=["torch>=2.4", "tqdm", "matplotlib", "numpy"],
-    extras_require={"hf": ["transformers", "tokenizers"], "clip": ["open_clip_torch"]},
+    extras_require={"hf": ["transformers", "tokenizers", "accelerate"], "clip": ["open_clip_torch"]},
     entry_points={"console_scripts": ["tempnet=tempnet.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
