@@ -1,10 +1,10 @@
 """The ``tempnet`` command line.
 
 Subcommands: ``demo`` (a tiny Llama with and without TempNet on Python's bundled docs),
-``generate`` (text from the demo's model with its per-token temperatures) and ``train-clip``
-(the CLIP demo of :mod:`tempnet.clip_demo`). Each subcommand imports its implementation only
-when it runs, so ``tempnet --help`` stays fast and a missing optional part fails only its own
-command.
+``generate`` (text from the demo's model with its per-token temperatures), ``train-clip``
+(the CLIP demo of :mod:`tempnet.clip_demo`) and ``bench`` (:mod:`tempnet.bench`). Each
+subcommand imports its implementation only when it runs, so ``tempnet --help`` stays fast and
+a missing optional part fails only its own command.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ _COMMANDS = {
                  "generate from a model saved by `tempnet demo`, with and without TempNet temperatures"),
     "train-clip": ("tempnet.clip_demo", "add_arguments", "run_clip_demo",
                    "train a small CLIP model with per-sample TempNet temperatures"),
+    "bench": ("tempnet.bench", "add_arguments", "main_from_args",
+              "time and peak memory of the fused ops against eager PyTorch, torch.compile and installed baselines"),
 }
 
 
