@@ -7,13 +7,24 @@
 // The similarities are produced tile by tile (at::mm of an anchor block against a candidate
 // block) and reduced by an online log-sum-exp, so memory is O((b + B) D + tile), never O(b B).
 //
+// Precision: the forward sweep keeps, per anchor, the running max m of u over the negatives (j ≠ pos),
+// n = Σ exp(u - m) and a = Σ exp(u - m)(u - m), and u_pos apart. Everything is then formed from
+// shifted values, never as a difference of two O(|u|) or O(log B) quantities:
+//   plain: with M = max(m, u_pos), x = u_pos - M ≤ 0 and n, a rescaled to M,
+//          L = log1p(n + expm1(x)) - x,  1 - p_pos = n / (n + e^x),
+//          ∂L/∂tau = -(Σ_j p_j (u_j - u_pos)) / tau = -((a + x e^x) / (n + e^x) - x) / tau;
+//   DRO:   L = tau (m - u_pos + log n - log(B-1) + ρ),  ∂L/∂tau = H(w) - log(B-1) + ρ = log n - a/n - log(B-1) + ρ.
+// The backward sweep recomputes p_j = exp((u_j - shift) - log_sum) with the forward's shift and log_sum,
+// and writes the positive's entry from the stored p_pos - 1 (accurate even when p_pos ≈ 1).
+//
 // Ops (namespace tempnet_cpp, CPU):
 //   contrastive_forward(anchors, candidates, tau, offset, rho, block_anchors, block_candidates)
-//     -> (loss (b,), lse (b,))   lse: the log-sum-exp of u_i over the summed candidates.
-//   contrastive_backward(grad_loss, anchors, candidates, tau, lse, offset, rho, block_anchors,
+//     -> (loss (b,), stats (4, b))   stats rows: shift, log_sum, pos_grad (p_pos - 1 plain, -1 DRO),
+//                                    dtau = ∂L_i/∂tau_i.
+//   contrastive_backward(grad_loss, anchors, candidates, tau, stats, offset, rho, block_anchors,
 //                        block_candidates, output_mask) -> (grad_anchors, grad_candidates, grad_tau)
 // Features may be float64 / float32 / bfloat16 / float16; they are accumulated in float64 for
-// float64 inputs and float32 otherwise. loss and lse are in the accumulation dtype; each gradient
+// float64 inputs and float32 otherwise. loss and stats are in the accumulation dtype; each gradient
 // has its input's dtype (an empty tensor where output_mask is false).
 
 #include "common.h"
@@ -46,6 +57,29 @@ struct Side {
   int64_t block_candidates;
 };
 
+// Per-anchor results of the forward sweep that the backward needs: rows of the (4, b) stats tensor.
+template <typename acc_t>
+struct Stats {
+  acc_t* shift;     // max of u over the summed candidates
+  acc_t* log_sum;   // log Σ exp(u - shift) over the summed candidates
+  acc_t* pos_grad;  // p_pos - 1 (plain) or -1 (DRO): the positive's ∂L/∂s divided by the row's coefficient
+  acc_t* dtau;      // ∂L/∂tau
+
+  static Stats of(at::Tensor& stats) {
+    acc_t* data = stats.data_ptr<acc_t>();
+    const int64_t n = stats.size(1);
+    return {data, data + n, data + 2 * n, data + 3 * n};
+  }
+};
+
+// Online statistics of one anchor over its negatives (notes/CE_GRADIENTS.md, "Streaming").
+template <typename acc_t>
+struct Running {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();  // running max of u
+  acc_t n = 0;                                        // Σ exp(u - m)
+  acc_t a = 0;                                        // Σ exp(u - m)(u - m)
+};
+
 // s = anchors[i0:i0+bi] @ candidates[j0:j0+bj].T written into the front of `buffer`.
 at::Tensor similarity_tile(const at::Tensor& anchors, const at::Tensor& candidates, at::Tensor& buffer,
                            int64_t i0, int64_t bi, int64_t j0, int64_t bj) {
@@ -54,125 +88,141 @@ at::Tensor similarity_tile(const at::Tensor& anchors, const at::Tensor& candidat
   return tile;
 }
 
-// Streams the tiles of one anchor block; fills lse and loss of anchors [i0, i0 + bi).
+// Folds u[0:len] into `run`. NaN propagates through the max; a -inf entry adds exp(-inf) = 0 and
+// its (u - m) factor is masked, so it never makes 0·(-inf) = NaN.
+template <typename acc_t>
+void accumulate(Running<acc_t>& run, const acc_t* u, int64_t len) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (len == 0) return;
+  const int64_t nv = len - len % Vec::size();
+  acc_t span_max = -std::numeric_limits<acc_t>::infinity();
+  if (nv > 0) {
+    Vec vmax = Vec::loadu(u);
+    for (int64_t k = Vec::size(); k < nv; k += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(u + k));
+    span_max = tempnet::horizontal_max(vmax);
+  }
+  for (int64_t k = nv; k < len; ++k) span_max = (u[k] > span_max || std::isnan(u[k])) ? u[k] : span_max;
+  const acc_t m_new = (span_max > run.m || std::isnan(span_max)) ? span_max : run.m;
+  if (m_new == -std::numeric_limits<acc_t>::infinity()) return;  // only -inf so far: nothing to add
+  if (run.n != acc_t(0)) {  // rescale from m to m_new (NaN stays NaN)
+    const acc_t step = run.m - m_new;
+    const acc_t scale = std::exp(step);
+    run.a = scale * (run.a + step * run.n);
+    run.n *= scale;
+  }
+  run.m = m_new;
+  const Vec vm(m_new), zero(acc_t(0));
+  Vec vn(zero), va(zero);
+  for (int64_t k = 0; k < nv; k += Vec::size()) {
+    const Vec x = Vec::loadu(u + k) - vm;
+    const Vec e = x.exp();
+    vn = vn + e;
+    va = at::vec::fmadd(e, Vec::blendv(x, zero, e == zero), va);
+  }
+  acc_t n = tempnet::horizontal_sum(vn), a = tempnet::horizontal_sum(va);
+  for (int64_t k = nv; k < len; ++k) {
+    const acc_t x = u[k] - m_new;
+    const acc_t e = std::exp(x);
+    n += e;
+    a += e == acc_t(0) ? acc_t(0) : e * x;
+  }
+  run.n += n;
+  run.a += a;
+}
+
+// Loss and stats of anchor i from its negatives' statistics and u_pos (formulas of the file header).
+template <typename acc_t>
+void finish_row(const Side<acc_t>& side, std::optional<double> rho, int64_t i, Running<acc_t> run, acc_t u_pos,
+                acc_t* loss, const Stats<acc_t>& stats) {
+  const acc_t tau = side.tau[i];
+  if (side.dro) {
+    const acc_t log_negatives = std::log(acc_t(side.n_cand - 1));
+    const acc_t log_n = std::log(run.n);
+    loss[i] = tau * ((run.m - u_pos) + log_n - log_negatives + acc_t(*rho));
+    stats.shift[i] = run.m;
+    stats.log_sum[i] = log_n;
+    stats.pos_grad[i] = acc_t(-1);
+    stats.dtau[i] = (log_n - run.a / run.n) - log_negatives + acc_t(*rho);
+    return;
+  }
+  const acc_t shift = (u_pos > run.m || std::isnan(u_pos)) ? u_pos : run.m;
+  if (run.n != acc_t(0)) {  // rescale the negatives from m to shift (none when B = 1)
+    const acc_t step = run.m - shift;
+    const acc_t scale = std::exp(step);
+    run.a = scale * (run.a + step * run.n);
+    run.n *= scale;
+  }
+  const acc_t x = u_pos - shift;
+  const acc_t e = std::exp(x);
+  const acc_t total = run.n + e;
+  const acc_t log_sum = std::log1p(run.n + std::expm1(x));
+  loss[i] = log_sum - x;
+  stats.shift[i] = shift;
+  stats.log_sum[i] = log_sum;
+  stats.pos_grad[i] = -run.n / total;
+  stats.dtau[i] = -((run.a + e * x) / total - x) / tau;
+}
+
+// Streams the tiles of one anchor block; fills loss and stats of anchors [i0, i0 + bi).
 template <typename acc_t>
 void forward_anchor_block(const Side<acc_t>& side, std::optional<double> rho, at::Tensor& buffer, int64_t i0,
-                          int64_t bi, acc_t* lse, acc_t* loss) {
+                          int64_t bi, acc_t* loss, const Stats<acc_t>& stats) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  std::array<acc_t, 2> init{neg_inf, 0};
-  std::vector<std::array<acc_t, 2>> running(bi, init);  // per anchor: (max m, Σ exp(u - m))
+  std::vector<Running<acc_t>> running(bi);
   std::vector<acc_t> u_pos(bi, 0);
   for (int64_t j0 = 0; j0 < side.n_cand; j0 += side.block_candidates) {
     const int64_t bj = std::min(side.block_candidates, side.n_cand - j0);
     at::Tensor tile = similarity_tile(side.anchors, side.candidates, buffer, i0, bi, j0, bj);
     acc_t* data = tile.data_ptr<acc_t>();
     for (int64_t r = 0; r < bi; ++r) {
-      const int64_t i = i0 + r;
-      const int64_t pos = side.offset + i - j0;  // the positive's column in this tile
-      const acc_t inv_tau = acc_t(1) / side.tau[i];
+      const int64_t pos = side.offset + i0 + r - j0;  // the positive's column in this tile
+      const acc_t inv_tau = acc_t(1) / side.tau[i0 + r];
       acc_t* row = data + r * bj;
-      at::vec::map([inv_tau](Vec x) { return x * Vec(inv_tau); }, row, row, bj);
-      if (pos >= 0 && pos < bj) {
+      at::vec::map([inv_tau](Vec s) { return s * Vec(inv_tau); }, row, row, bj);
+      if (pos >= 0 && pos < bj) {  // the positive is kept apart, the negatives on either side are summed
         u_pos[r] = row[pos];
-        if (side.dro) row[pos] = neg_inf;  // the DRO sum runs over negatives only
+        accumulate(running[r], row, pos);
+        accumulate(running[r], row + pos + 1, bj - pos - 1);
+      } else {
+        accumulate(running[r], row, bj);
       }
-      const acc_t tile_max = at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
-                                                        row, bj);
-      if (tile_max == neg_inf) continue;  // a tile holding only the DRO positive adds nothing
-      auto& [m, sum] = running[r];
-      const acc_t new_max = std::max(m, tile_max);
-      const acc_t tile_sum = at::vec::map_reduce_all<acc_t>([new_max](Vec x) { return (x - Vec(new_max)).exp(); },
-                                                            [](Vec a, Vec b) { return a + b; }, row, bj);
-      sum = sum * std::exp(m - new_max) + tile_sum;
-      m = new_max;
     }
   }
-  const acc_t log_negatives = side.n_cand > 1 ? std::log(acc_t(side.n_cand - 1)) : acc_t(0);
-  for (int64_t r = 0; r < bi; ++r) {
-    const int64_t i = i0 + r;
-    const auto& [m, sum] = running[r];
-    lse[i] = m + std::log(sum);
-    const acc_t margin = lse[i] - u_pos[r];
-    loss[i] = side.dro ? side.tau[i] * (margin - log_negatives + acc_t(*rho)) : margin;
-  }
+  for (int64_t r = 0; r < bi; ++r) finish_row(side, rho, i0 + r, running[r], u_pos[r], loss, stats);
 }
 
-// row[c] <- scale · p_c with p_c = exp(row[c] / tau - lse) for c in [0, n); returns Σ_c p_c (lse - u_c).
-template <typename acc_t>
-acc_t softmax_span(acc_t* row, int64_t n, acc_t inv_tau, acc_t lse, acc_t scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec entropy(0);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec gap = Vec(lse) - Vec::loadu(row + c) * Vec(inv_tau);
-    const Vec p = gap.neg().exp();
-    entropy = at::vec::fmadd(p, gap, entropy);
-    (p * Vec(scale)).store(row + c);
-  }
-  acc_t h = tempnet::horizontal_sum(entropy);
-  for (; c < n; ++c) {
-    const acc_t gap = lse - row[c] * inv_tau;
-    const acc_t p = std::exp(-gap);
-    h += p * gap;
-    row[c] = scale * p;
-  }
-  return h;
-}
-
-// Overwrites a similarity tile with g_i ∂L_i/∂s_ij. With `entropy` set (a whole row sweep), also
-// accumulates H_i += Σ_j p_ij (lse_i - u_ij) over the summed candidates and records u_i,pos.
-//   plain: ∂L/∂s_ij = (p_ij - 1[j=pos]) / tau_i;  DRO: ∂L/∂s_ij = w_ij (j≠pos), -1 at pos.
+// Overwrites a similarity tile with g_i ∂L_i/∂s_ij = coef_i (p_ij - 1[j=pos]), coef_i = g_i / tau_i (plain)
+// or g_i (DRO); p_ij = exp((u_ij - shift_i) - log_sum_i) off the positive, coef_i pos_grad_i at it.
 template <typename acc_t>
 void gradient_tile(const Side<acc_t>& side, at::Tensor& tile, int64_t i0, int64_t j0, const acc_t* grad,
-                   const acc_t* lse, acc_t* entropy, acc_t* u_pos) {
+                   const Stats<acc_t>& stats) {
+  using Vec = at::vec::Vectorized<acc_t>;
   const int64_t bi = tile.size(0), bj = tile.size(1);
   acc_t* data = tile.data_ptr<acc_t>();
   for (int64_t r = 0; r < bi; ++r) {
     const int64_t i = i0 + r;
     const int64_t pos = side.offset + i - j0;
-    const bool has_pos = pos >= 0 && pos < bj;
     const acc_t inv_tau = acc_t(1) / side.tau[i];
+    const acc_t coef = side.dro ? grad[i] : grad[i] * inv_tau;
+    const acc_t shift = stats.shift[i], log_sum = stats.log_sum[i];
     acc_t* row = data + r * bj;
-    if (has_pos && u_pos != nullptr) u_pos[r] = row[pos] * inv_tau;
-    acc_t h;
-    if (!side.dro) {
-      h = softmax_span(row, bj, inv_tau, lse[i], grad[i] * inv_tau);
-      if (has_pos) row[pos] -= grad[i] * inv_tau;
-    } else if (has_pos) {
-      // The positive is left out of the DRO softmax (its exp could overflow): two spans around it.
-      h = softmax_span(row, pos, inv_tau, lse[i], grad[i]) +
-          softmax_span(row + pos + 1, bj - pos - 1, inv_tau, lse[i], grad[i]);
-      row[pos] = -grad[i];
-    } else {
-      h = softmax_span(row, bj, inv_tau, lse[i], grad[i]);
-    }
-    if (entropy != nullptr) entropy[r] += h;
+    // u = s·(1/tau) is rounded first, as in the forward sweep.
+    at::vec::map([=](Vec s) { return (((s * Vec(inv_tau)) - Vec(shift)) - Vec(log_sum)).exp() * Vec(coef); }, row,
+                 row, bj);
+    if (pos >= 0 && pos < bj) row[pos] = coef * stats.pos_grad[i];
   }
 }
 
-// Sweep over candidates for one anchor block: grad_tau and, when grad_anchors is defined, the
-// block's rows of grad_anchors.
+// Sweep over candidates for one anchor block: the block's rows of grad_anchors.
 template <typename acc_t>
-void backward_anchor_block(const Side<acc_t>& side, std::optional<double> rho, at::Tensor& buffer, int64_t i0,
-                           int64_t bi, const acc_t* grad, const acc_t* lse, at::Tensor& grad_anchors,
-                           acc_t* grad_tau) {
-  std::vector<acc_t> entropy(bi, 0), u_pos(bi, 0);
-  at::Tensor grad_block = grad_anchors.defined() ? grad_anchors.narrow(0, i0, bi) : at::Tensor();
+void backward_anchor_block(const Side<acc_t>& side, at::Tensor& buffer, int64_t i0, int64_t bi, const acc_t* grad,
+                           const Stats<acc_t>& stats, at::Tensor& grad_anchors) {
+  at::Tensor grad_block = grad_anchors.narrow(0, i0, bi);
   for (int64_t j0 = 0; j0 < side.n_cand; j0 += side.block_candidates) {
     const int64_t bj = std::min(side.block_candidates, side.n_cand - j0);
     at::Tensor tile = similarity_tile(side.anchors, side.candidates, buffer, i0, bi, j0, bj);
-    gradient_tile(side, tile, i0, j0, grad, lse, entropy.data(), u_pos.data());
-    if (grad_block.defined()) grad_block.addmm_(tile, side.candidates.narrow(0, j0, bj));
-  }
-  const acc_t log_negatives = side.n_cand > 1 ? std::log(acc_t(side.n_cand - 1)) : acc_t(0);
-  for (int64_t r = 0; r < bi; ++r) {
-    const int64_t i = i0 + r;
-    // plain: ∂L/∂tau = -(Σ p u - u_pos)/tau = (H - L)/tau with L = lse - u_pos (SPEC §2);
-    // DRO:   ∂L/∂tau = H(w) - log(B-1) + ρ.
-    const acc_t dtau = side.dro ? entropy[r] - log_negatives + acc_t(*rho)
-                                : (entropy[r] - (lse[i] - u_pos[r])) / side.tau[i];
-    grad_tau[i] = grad[i] * dtau;
+    gradient_tile(side, tile, i0, j0, grad, stats);
+    grad_block.addmm_(tile, side.candidates.narrow(0, j0, bj));
   }
 }
 
@@ -180,12 +230,12 @@ void backward_anchor_block(const Side<acc_t>& side, std::optional<double> rho, a
 // thread owns whole candidate blocks).
 template <typename acc_t>
 void backward_candidate_block(const Side<acc_t>& side, at::Tensor& buffer, int64_t j0, int64_t bj,
-                              const acc_t* grad, const acc_t* lse, at::Tensor& grad_candidates) {
+                              const acc_t* grad, const Stats<acc_t>& stats, at::Tensor& grad_candidates) {
   at::Tensor grad_block = grad_candidates.narrow(0, j0, bj);
   for (int64_t i0 = 0; i0 < side.n_anchor; i0 += side.block_anchors) {
     const int64_t bi = std::min(side.block_anchors, side.n_anchor - i0);
     at::Tensor tile = similarity_tile(side.anchors, side.candidates, buffer, i0, bi, j0, bj);
-    gradient_tile<acc_t>(side, tile, i0, j0, grad, lse, nullptr, nullptr);
+    gradient_tile(side, tile, i0, j0, grad, stats);
     grad_block.addmm_(tile.t(), side.anchors.narrow(0, i0, bi));
   }
 }
@@ -219,49 +269,49 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& anchors
   const auto acc = tempnet::acc_scalar_type(anchors.scalar_type());
   const at::Tensor tau_acc = tau.to(acc).contiguous();
   at::Tensor loss = at::empty({anchors.size(0)}, anchors.options().dtype(acc));
-  at::Tensor lse = at::empty_like(loss);
+  at::Tensor stats = at::empty({4, anchors.size(0)}, loss.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_forward", [&] {
     const auto side = make_side<scalar_t>(anchors, candidates, tau_acc, offset, rho, block_anchors, block_candidates);
+    const auto row_stats = Stats<scalar_t>::of(stats);
     const int64_t n_blocks = (side.n_anchor + block_anchors - 1) / block_anchors;
-    scalar_t* lse_data = lse.data_ptr<scalar_t>();
     scalar_t* loss_data = loss.data_ptr<scalar_t>();
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       at::Tensor buffer = at::empty({block_anchors * block_candidates}, loss.options());
       for (int64_t block = begin; block < end; ++block) {
         const int64_t i0 = block * block_anchors;
-        forward_anchor_block(side, rho, buffer, i0, std::min(block_anchors, side.n_anchor - i0), lse_data, loss_data);
+        forward_anchor_block(side, rho, buffer, i0, std::min(block_anchors, side.n_anchor - i0), loss_data, row_stats);
       }
     });
   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& tau,
-    const at::Tensor& lse, int64_t offset, std::optional<double> rho, int64_t block_anchors, int64_t block_candidates,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& stats, int64_t offset, std::optional<double> rho, int64_t block_anchors,
+    int64_t block_candidates, std::array<bool, 3> output_mask) {
   check_inputs(anchors, candidates, tau, offset, rho, block_anchors, block_candidates);
   const auto acc = tempnet::acc_scalar_type(anchors.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == anchors.size(0),
+              "contrastive: stats must have shape (4, b)");
   const at::Tensor tau_acc = tau.to(acc).contiguous();
   const at::Tensor grad_acc = grad_loss.to(acc).contiguous();
-  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  at::Tensor stats_acc = stats.to(acc).contiguous();
   const auto options = anchors.options().dtype(acc);
-  at::Tensor grad_anchors, grad_candidates, grad_tau;  // undefined until computed
+  at::Tensor grad_anchors, grad_candidates;  // undefined until computed
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_backward", [&] {
     const auto side = make_side<scalar_t>(anchors, candidates, tau_acc, offset, rho, block_anchors, block_candidates);
+    const auto row_stats = Stats<scalar_t>::of(stats_acc);
     const scalar_t* grad = grad_acc.data_ptr<scalar_t>();
-    const scalar_t* lse_data = lse_acc.data_ptr<scalar_t>();
-    if (output_mask[0] || output_mask[2]) {
-      if (output_mask[0]) grad_anchors = at::zeros_like(side.anchors);
-      grad_tau = at::empty({side.n_anchor}, options);
-      scalar_t* grad_tau_data = grad_tau.data_ptr<scalar_t>();
+    if (output_mask[0]) {
+      grad_anchors = at::zeros_like(side.anchors);
       const int64_t n_blocks = (side.n_anchor + block_anchors - 1) / block_anchors;
       at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
         at::Tensor buffer = at::empty({block_anchors * block_candidates}, options);
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * block_anchors;
-          backward_anchor_block(side, rho, buffer, i0, std::min(block_anchors, side.n_anchor - i0), grad, lse_data,
-                                grad_anchors, grad_tau_data);
+          backward_anchor_block(side, buffer, i0, std::min(block_anchors, side.n_anchor - i0), grad, row_stats,
+                                grad_anchors);
         }
       });
     }
@@ -272,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
         at::Tensor buffer = at::empty({block_anchors * block_candidates}, options);
         for (int64_t block = begin; block < end; ++block) {
           const int64_t j0 = block * block_candidates;
-          backward_candidate_block(side, buffer, j0, std::min(block_candidates, side.n_cand - j0), grad, lse_data,
+          backward_candidate_block(side, buffer, j0, std::min(block_candidates, side.n_cand - j0), grad, row_stats,
                                    grad_candidates);
         }
       });
@@ -281,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   const auto empty = anchors.new_empty({0});
   return {output_mask[0] ? grad_anchors.to(anchors.scalar_type()) : empty,
           output_mask[1] ? grad_candidates.to(candidates.scalar_type()) : empty,
-          output_mask[2] ? grad_tau.to(tau.scalar_type()) : empty};
+          output_mask[2] ? (grad_acc * stats_acc[3]).to(tau.scalar_type()) : empty};
 }
 
 }  // namespace
@@ -289,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
 TORCH_LIBRARY_FRAGMENT(tempnet_cpp, m) {
   m.def("contrastive_forward(Tensor anchors, Tensor candidates, Tensor tau, int offset, float? rho, "
         "int block_anchors, int block_candidates) -> (Tensor, Tensor)");
-  m.def("contrastive_backward(Tensor grad_loss, Tensor anchors, Tensor candidates, Tensor tau, Tensor lse, "
+  m.def("contrastive_backward(Tensor grad_loss, Tensor anchors, Tensor candidates, Tensor tau, Tensor stats, "
         "int offset, float? rho, int block_anchors, int block_candidates, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
 }

@@ -173,20 +173,26 @@ void block_stats(const acc_t* u, const acc_t* w, int64_t n, bool smooth, acc_t& 
   sum_out = sm;
 }
 
-// u[k] ← exp(u[k] − m); adds Σ exp(u − m) to s and Σ exp(u − m)(u − m) to b.
+// u[k] ← exp(u[k] − m); adds Σ exp(u − m) to s and Σ exp(u − m)(u − m) to b. A masked logit (u = −inf)
+// adds its limit 0 to b: its (u − m) factor is zeroed where exp(u − m) = 0, so 0·(−inf) never makes NaN.
+// With m = −inf (every u so far −inf) nothing is added and the exps are 0.
 template <typename acc_t>
 void exp_block(acc_t* u, int64_t n, acc_t m, acc_t& s, acc_t& b) {
   using Vec = at::vec::Vectorized<acc_t>;
+  if (m == -std::numeric_limits<acc_t>::infinity()) {
+    std::fill(u, u + n, acc_t(0));
+    return;
+  }
   const int64_t nv = n - n % Vec::size();
-  const Vec vm(m);
-  Vec vs(acc_t(0)), vb(acc_t(0));
+  const Vec vm(m), zero(acc_t(0));
+  Vec vs(zero), vb(zero);
   int64_t k = 0;
   for (; k < nv; k += Vec::size()) {
     const Vec x = Vec::loadu(u + k) - vm;
     const Vec e = fast_exp(x);
     e.store(u + k);
     vs = vs + e;
-    vb = at::vec::fmadd(e, x, vb);
+    vb = at::vec::fmadd(e, Vec::blendv(x, zero, e == zero), vb);
   }
   acc_t ss = tempnet::horizontal_sum(vs), bb = tempnet::horizontal_sum(vb);
   for (; k < n; ++k) {
@@ -194,7 +200,7 @@ void exp_block(acc_t* u, int64_t n, acc_t m, acc_t& s, acc_t& b) {
     const acc_t e = std::exp(x);
     u[k] = e;
     ss += e;
-    bb += e * x;
+    bb += e == acc_t(0) ? acc_t(0) : e * x;
   }
   s += ss;
   b += bb;
@@ -209,12 +215,12 @@ void grad_block(const acc_t* e, const acc_t* w, const acc_t* chain, acc_t* out, 
   int64_t k = 0;
   for (; k < nv; k += Vec::size()) {
     Vec g = Vec::loadu(e + k) * va;
-    if (q != acc_t(0)) g = g - (w != nullptr ? vq * Vec::loadu(w + k) : vq);
+    if (q != acc_t(0)) g = w != nullptr ? at::vec::fnmadd(vq, Vec::loadu(w + k), g) : g - vq;
     if (chain != nullptr) g = g * Vec::loadu(chain + k);
     g.store(out + k);
   }
-  for (; k < n; ++k) {
-    acc_t g = alpha * e[k] - q * (w != nullptr ? w[k] : acc_t(1));
+  for (; k < n; ++k) {  // the same roundings as a vector lane
+    const acc_t g = w != nullptr ? std::fma(-q, w[k], alpha * e[k]) : alpha * e[k] - q;
     out[k] = chain != nullptr ? g * chain[k] : g;
   }
 }

@@ -118,6 +118,69 @@ def test_cold_temperatures_stay_finite(rho):
     check_parity(torch.float32, 64, 64, 0, rho, 1e-5, 1e-4, blocks=(16, 32), tau_scale=0.1, aligned=16)
 
 
+def clustered_pairs(n: int, dim: int, spread: float, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, dim)`` float64 unit anchors around one direction (pairwise similarities ≈ 1 − spread²·dim)
+    and their positives, each its anchor plus ``noise``: near-aligned pairs a few hundredths above
+    every negative."""
+    gen = torch.Generator().manual_seed(seed)
+    center = torch.zeros(dim, dtype=torch.float64)
+    center[0] = 1.0
+    anchors = torch.nn.functional.normalize(center + spread * torch.randn(n, dim, generator=gen, dtype=torch.float64),
+                                            dim=1)
+    positives = anchors + noise * torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    return anchors, torch.nn.functional.normalize(positives, dim=1)
+
+
+def row_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-row ``‖out_i − ref_i‖ / ‖ref_i‖`` (per entry for vectors) in float64."""
+    out, ref = out.double(), ref.double()
+    if out.dim() == 1:
+        return (out - ref).abs() / ref.abs()
+    return (out - ref).norm(dim=1) / ref.norm(dim=1)
+
+
+@pytest.mark.parametrize("rho", RHOS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 2e-2), (torch.float32, 1e-3)])
+@pytest.mark.parametrize(("tau0", "spread", "noise"), [(0.004, 0.08, 0.01), (0.002, 0.06, 0.02)])
+def test_confident_rows_at_cold_temperature_are_accurate_per_row(rho, dtype, tol, tau0, spread, noise):
+    """τ ≈ 0.004 with positives ≈ 15 nats above the negatives: 1 − p_pos ≈ 1e-4 … 1e-7, far below the
+    float32 resolution of p_pos itself. Every row's loss and gradients (anchor row, candidate row, τ)
+    match the float64 reference run on the same rounded inputs; p_pos − 1 formed from a rounded
+    p_pos, or from u recomputed with a different rounding than the forward pass (an FMA), gives
+    errors of 100% and more in those rows."""
+    n = 48
+    anchors, candidates = clustered_pairs(n, 16, spread, noise, seed=50)
+    gen = torch.Generator().manual_seed(51)
+    tau = tau0 * (1 + 0.1 * torch.rand(n, generator=gen, dtype=torch.float64))
+    inputs = [x.requires_grad_() for x in (anchors.to(dtype), candidates.to(dtype), tau.float())]
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    grad_out = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    out = contrastive_side(*inputs, offset=0, rho=rho, block_anchors=16, block_candidates=32)
+    ref = reference.contrastive_side(*ref_inputs, offset=0, rho=rho)
+    (out * grad_out.float()).sum().backward()
+    (ref * grad_out).sum().backward()
+
+    if rho is None:
+        assert ref.detach().min() < 1e-6  # some rows are that confident
+    assert row_errors(out.detach(), ref.detach()).max() < tol
+    for x, x_ref in zip(inputs, ref_inputs, strict=True):
+        assert row_errors(x.grad, x_ref.grad).max() < tol
+
+
+def test_hot_temperature_tau_gradient():
+    """τ = 100: ∂L/∂τ = −Σ_j p_j (u_j − u_pos)/τ is tiny (u ≈ 1e-2); formed as a difference of two
+    O(log B) terms it would be off by ~1e-3 relative in float32, here within 1e-5 per row."""
+    n = 64
+    anchors, candidates = features(n, 16, 52), features(n, 16, 53)
+    for rho in RHOS:
+        inputs = [anchors.float(), candidates.float(), torch.full((n,), 100.0, requires_grad=True)]
+        ref_tau = torch.full((n,), 100.0, dtype=torch.float64, requires_grad=True)
+        contrastive_side(*inputs, offset=0, rho=rho).sum().backward()
+        reference.contrastive_side(anchors, candidates, ref_tau, offset=0, rho=rho).sum().backward()
+        assert row_errors(inputs[2].grad, ref_tau.grad).max() < 1e-5
+
+
 def test_dro_tau_gradient_closed_form():
     """SPEC §2: ∂LI_i/∂τI_i = H(w_i) − log(B−1) + ρ with w_i = softmax_{j≠i}((s_ij − s_ii)/τI_i)."""
     n, rho = 40, 0.7

@@ -6,6 +6,8 @@ against a float64 reference, in-place backward, F.cross_entropy equality, and th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,6 +251,46 @@ def test_softcap_with_non_finite_logits(rho) -> None:
     for out, expected, tol in zip(ours, ref, (1e-5, 1e-5, 1e-4, 1e-4), strict=True):
         assert torch.isfinite(out[:2]).all()
         assert _relative_error(out[:2], expected[:2]) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rho", [None, 2.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_masked_vocabulary_matches_the_row_without_the_masked_classes(dtype, rho, weighted) -> None:
+    """−inf logits (masked classes) add nothing: loss, lse, ∂/∂z and ∂/∂τ are finite and equal those of the
+    row without them (ρ shifted so that ρ − log V is unchanged), ∂/∂z is 0 at the masked classes. Row 0
+    masks the whole first block of 1024 columns, row 1 a scattered third of the vocabulary."""
+    vocab = 1100
+    gen = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(2, vocab, generator=gen, dtype=torch.float64)).to(dtype)
+    masks = torch.zeros(2, vocab, dtype=torch.bool)
+    masks[0, :1024] = True
+    masks[0, 1090:] = True
+    masks[1] = torch.rand(vocab, generator=gen) < 1 / 3
+    target = torch.tensor([1050, int((~masks[1]).nonzero()[5])])
+    logits[masks] = float("-inf")
+    tau = torch.tensor([0.3, 1.7], dtype=dtype)
+    weight = torch.linspace(0.5, 1.5, vocab, dtype=dtype) if weighted else None
+    options = {"z_loss": 1e-2, "weight": weight} if weighted else {}
+    loss, lse, grad_logits, grad_tau = _both(logits, target, tau, "cpp", rho=rho, **options)
+    tol_loss, tol_grad = (1e-10, 1e-9) if dtype == torch.float64 else TOLERANCES[dtype]
+    for row in range(2):
+        keep = ~masks[row]
+        sub_options = {**options, "weight": weight[keep].double()} if weighted else {}
+        sub_rho = None if rho is None else rho - math.log(vocab) + math.log(int(keep.sum()))
+        sub_target = keep[:target[row]].sum().reshape(1)
+        ref = _both(logits[row:row + 1, keep].double(), sub_target, tau[row:row + 1].double(), "torch", rho=sub_rho,
+                    **sub_options)
+        ours = (loss[row:row + 1], lse[row:row + 1], grad_logits[row:row + 1, keep], grad_tau[row:row + 1])
+        # _both's incoming gradients: (−1, 2) for the two rows here, −1 for the reference's single row.
+        grad_scale = (1.0, -2.0)[row]
+        for name, out, expected in zip(("loss", "lse", "grad_logits", "grad_tau"), ours, ref, strict=True):
+            assert torch.isfinite(out).all(), name
+            if name.startswith("grad"):
+                assert _relative_error(out, grad_scale * expected) < tol_grad, (row, name)
+            else:
+                assert _relative_error(out, expected) < tol_loss, (row, name)
+        assert (grad_logits[row, masks[row]] == 0).all()
 
 
 @pytest.mark.parametrize("rho", [None, 1.0])

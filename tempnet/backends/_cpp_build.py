@@ -33,7 +33,10 @@ _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
-_BASE_CFLAGS = ["-O3", "-fopenmp"]
+# -ffp-contract=off: no implicit fusion of a*b + c into an FMA, so an expression rounds the same way wherever it
+# is written (the contrastive backward recomputes u = s/τ exactly as the forward did); the explicit fmadd
+# intrinsics of the kernels are unaffected.
+_BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _loaded: str | None = None

@@ -2,9 +2,10 @@
 
 The similarities ``s = anchors @ candidates.T`` are produced in ``(block_anchors, block_candidates)``
 tiles and reduced by an online log-sum-exp (``csrc/contrastive.cpp``), so memory stays
-``O((b + B)·D + tile)``: the forward keeps only the per-anchor log-sum-exp, the backward recomputes
-the tiles (one sweep over anchor blocks for the anchor and temperature gradients, one over
-candidate blocks for the candidate gradient, each thread owning whole blocks).
+``O((b + B)·D + tile)``: the forward keeps four per-anchor statistics (the softmax's shift and
+log-sum, the positive's ``p − 1`` and ``∂L/∂τ``, all formed from shifted values), the backward recomputes
+the tiles (one sweep over anchor blocks for the anchor gradient, one over candidate blocks for the
+candidate gradient, each thread owning whole blocks); the temperature gradient needs no sweep.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ class _ContrastiveSide(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors: torch.Tensor, candidates: torch.Tensor, tau: torch.Tensor, offset: int,
                 rho: float | None, block_anchors: int, block_candidates: int) -> torch.Tensor:
-        loss, lse = torch.ops.tempnet_cpp.contrastive_forward(
+        loss, stats = torch.ops.tempnet_cpp.contrastive_forward(
             anchors, candidates, tau, offset, rho, block_anchors, block_candidates
         )
-        ctx.save_for_backward(anchors, candidates, tau, lse)
+        ctx.save_for_backward(anchors, candidates, tau, stats)
         ctx.config = (offset, rho, block_anchors, block_candidates)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
-        anchors, candidates, tau, lse = ctx.saved_tensors
+        anchors, candidates, tau, stats = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
-        grads = torch.ops.tempnet_cpp.contrastive_backward(grad_loss, anchors, candidates, tau, lse, *ctx.config, mask)
+        grads = torch.ops.tempnet_cpp.contrastive_backward(grad_loss, anchors, candidates, tau, stats, *ctx.config,
+                                                           mask)
         return *(grad if needed else None for grad, needed in zip(grads, mask, strict=True)), None, None, None, None
 
 
