@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the sweep; write the JSON to ``--out``; print the Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rho", type=float, nargs="+", default=[3.0, 4.5])
-    parser.add_argument("--tempnet-lr", type=float, nargs="+", default=[1e-3, 1e-2])
+    parser.add_argument("--rho", type=float, nargs="+", default=[3.0, 3.5])
+    parser.add_argument("--tempnet-lr", type=float, nargs="+", default=[3e-3, 1e-2])
     parser.add_argument("--steps", type=int, default=DemoSettings().steps)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tuning_sweep.json"))

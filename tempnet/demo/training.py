@@ -38,7 +38,7 @@ class DemoSettings:
     lr: float = 3e-3
     warmup_fraction: float = 0.1
     tempnet_lr: float = 1e-2
-    rho: float = 3.0
+    rho: float = 3.5
     tau_min: float = 0.01
     tau_max: float = 2.0
     tempnet_width: int = 256
