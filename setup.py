@@ -17,7 +17,8 @@ if os.environ.get("TEMPNET_BUILD_CPP") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     ext_modules = [CppExtension("tempnet._C", sources=sorted(glob("csrc/*.cpp")),
-                                extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"], extra_link_args=["-fopenmp"])]
+                                extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
+                                extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
