@@ -8,6 +8,7 @@ Public ops (SPEC §1, §2): :func:`tempered_cross_entropy`, :func:`tempered_line
 from tempnet._validation import set_value_checks, value_checks
 from tempnet.dispatch import BackendUnavailableError, choose_backend
 from tempnet.functional import tempered_contrastive_loss, tempered_cross_entropy, tempered_linear_cross_entropy
+from tempnet.global_contrastive import GlobalContrastiveLoss
 from tempnet.heads import ContrastiveTempNet, TempNet
 from tempnet.losses import TemperedContrastiveLoss, TemperedCrossEntropyLoss, TemperedLinearCrossEntropyLoss
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ContrastiveTempNet",
+    "GlobalContrastiveLoss",
     "TempNet",
     "TemperedContrastiveLoss",
     "TemperedCrossEntropyLoss",
