@@ -33,6 +33,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
+from tempnet.dispatch import BACKENDS
 from tempnet.integrations.open_clip import TempNetClipLoss
 
 COLORS = {
@@ -282,7 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prototypes", type=int, default=256, help="TempNet prototypes M (default: 256)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads during the job; the model is too small to gain from more (default: 1)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "cpp", "torch"),
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="tempnet backend of the contrastive op (default: auto)")
 
 

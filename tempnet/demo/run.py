@@ -16,6 +16,7 @@ from tempnet.demo.metrics import distribution, pearson, spearman
 from tempnet.demo.report import summary, write_json, write_plot
 from tempnet.demo.tokenizer import encode, train_tokenizer
 from tempnet.demo.training import DemoSettings, evaluate, train
+from tempnet.dispatch import BACKENDS
 from tempnet.integrations.transformers import check_rho
 
 REPORT_JSON, REPORT_PNG, MODEL_DIR = "demo_report.json", "demo_report.png", "model"
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of the TempNet head (default: %(default)s)")
     method.add_argument("--tempnet-width", type=int, default=d.tempnet_width,
                         help="hidden width M of the head (default: %(default)s)")
-    method.add_argument("--backend", default=d.backend, choices=("auto", "triton", "cpp", "torch"),
+    method.add_argument("--backend", default=d.backend, choices=BACKENDS,
                         help="tempnet backend of the loss (default: %(default)s)")
     model = parser.add_argument_group("model and data")
     model.add_argument("--lr", type=float, default=d.lr, help="learning rate of the LM (default: %(default)s)")
