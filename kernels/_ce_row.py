@@ -180,17 +180,20 @@ def ce_rows_kernel(
             tl.store(dz_row + cols, tl.where(valid, g, zero).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(vocab: int, acc_dtype: torch.dtype, block_v: int | None = None) -> tuple[int, int]:
+def launch_config(vocab: int, acc_dtype: torch.dtype, block_v: int | None = None,
+                  num_warps: int | None = None) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``vocab`` classes.
 
     ``BLOCK_V`` is the power of two covering the row, capped (16384 for float32 accumulation,
     4096 for float64 on a GPU; 1024 under the interpreter), so any ``V`` is streamed in a
-    bounded number of registers. ``block_v`` overrides it (tests use it to force multi-block rows).
+    bounded number of registers. ``block_v`` overrides it (tests use it to force multi-block rows);
+    ``num_warps`` overrides the warp count (``benchmarks/gpu_tune.py`` sweeps both).
     """
     if block_v is None:
         cap = 1024 if triton_interpreter_enabled() else (4096 if acc_dtype == torch.float64 else 16384)
         block_v = min(triton.next_power_of_2(vocab), cap)
-    num_warps = 4 if block_v <= 2048 else (8 if block_v <= 8192 else 16)
+    if num_warps is None:
+        num_warps = 4 if block_v <= 2048 else (8 if block_v <= 8192 else 16)
     return block_v, num_warps
 
 
@@ -207,7 +210,7 @@ def launch_ce_rows(
     logits: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, opts: CEOptions, *,
     weight_sum: torch.Tensor | None, rows: torch.Tensor | None, lse: torch.Tensor, dtau: torch.Tensor | None,
     grad: torch.Tensor | None = None, lse_given: bool = False, scale: torch.Tensor | None = None,
-    block_v: int | None = None,
+    block_v: int | None = None, num_warps: int | None = None,
 ) -> None:
     """Run :func:`ce_rows_kernel` on ``logits (N, V)`` (unit column stride, any row stride).
 
@@ -219,13 +222,13 @@ def launch_ce_rows(
         grad: ``(N, V)`` buffer with unit column stride that receives ``∂R/∂z`` (may be
             ``logits`` itself), or ``None`` to skip pass 2.
         scale: ``(N,)`` per-row factor applied to ``∂R/∂z`` (any stride), or ``None``.
-        block_v: forced ``BLOCK_V`` (see :func:`launch_config`).
+        block_v, num_warps: forced ``BLOCK_V`` and warp count (see :func:`launch_config`).
     """
     n_rows, vocab = logits.shape
     if n_rows == 0:
         return
     acc = lse.dtype
-    block, num_warps = launch_config(vocab, acc, block_v)
+    block, num_warps = launch_config(vocab, acc, block_v, num_warps)
     weight = opts.class_weight
     dummy = lse
     ce_rows_kernel[(n_rows,)](

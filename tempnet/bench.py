@@ -71,30 +71,33 @@ RHO = 2.0
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
-    """Random inputs of ``case`` on ``device``; the differentiable ones require grad."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random inputs of ``case``, drawn on ``device``; the differentiable ones require grad."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, case.dtype)
     s = case.sizes
 
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device)
+
+    def labels(rows: int) -> torch.Tensor:
+        return torch.randint(0, s["V"], (rows,), generator=gen, device=device)
+
     def leaf(values: torch.Tensor) -> torch.Tensor:
-        return values.to(device=device, dtype=dtype).requires_grad_()
+        return values.to(dtype=dtype).requires_grad_()
 
     def temperatures(rows: int, low: float, high: float) -> torch.Tensor:
         if case.mode == "plain_tau1":
             return torch.ones(rows, device=device)
-        return (low + (high - low) * torch.rand(rows, generator=gen)).to(device).requires_grad_()
+        return (low + (high - low) * torch.rand(rows, generator=gen, device=device)).requires_grad_()
 
     if case.op == "ce":
-        return {"logits": leaf(2 * torch.randn(s["N"], s["V"], generator=gen)),
-                "target": torch.randint(0, s["V"], (s["N"],), generator=gen).to(device),
+        return {"logits": leaf(2 * randn(s["N"], s["V"])), "target": labels(s["N"]),
                 "tau": temperatures(s["N"], 1.0, 2.0)}
     if case.op == "linear":
-        return {"hidden": leaf(torch.randn(s["N"], s["D"], generator=gen)),
-                "weight": leaf(torch.randn(s["V"], s["D"], generator=gen) / math.sqrt(s["D"])),
-                "target": torch.randint(0, s["V"], (s["N"],), generator=gen).to(device),
-                "tau": temperatures(s["N"], 1.0, 2.0)}
-    return {"image": leaf(F.normalize(torch.randn(s["B"], s["D"], generator=gen), dim=-1)),
-            "text": leaf(F.normalize(torch.randn(s["B"], s["D"], generator=gen), dim=-1)),
+        return {"hidden": leaf(randn(s["N"], s["D"])), "weight": leaf(randn(s["V"], s["D"]) / math.sqrt(s["D"])),
+                "target": labels(s["N"]), "tau": temperatures(s["N"], 1.0, 2.0)}
+    return {"image": leaf(F.normalize(randn(s["B"], s["D"]), dim=-1)),
+            "text": leaf(F.normalize(randn(s["B"], s["D"]), dim=-1)),
             "tau": temperatures(s["B"], 0.05, 0.1), "tau_text": temperatures(s["B"], 0.05, 0.1)}
 
 
@@ -119,8 +122,6 @@ def implementations(case: Case, device: torch.device) -> dict[str, Callable[[Inp
         return _options_overhead_implementations(case)
     if case.op == "ce":
         impls["tempnet"] = lambda x: tempnet.tempered_cross_entropy(x["logits"], x["target"], x["tau"], rho=rho)
-        impls["tempnet inplace_backward"] = lambda x: tempnet.tempered_cross_entropy(
-            x["logits"], x["target"], x["tau"], rho=rho, inplace_backward=True)
         impls["eager"] = lambda x: _eager_ce(x["logits"], x["target"], x["tau"], rho)
         compiled = torch.compile(_eager_ce, dynamic=False)
         impls["torch.compile"] = lambda x: compiled(x["logits"], x["target"], x["tau"], rho)
@@ -129,6 +130,9 @@ def implementations(case: Case, device: torch.device) -> dict[str, Callable[[Inp
 
             liger = LigerCrossEntropyLoss()
             impls["liger"] = lambda x: liger(x["logits"], x["target"])
+        # Last: it overwrites the logits with their gradient, which the implementations above read.
+        impls["tempnet inplace_backward"] = lambda x: tempnet.tempered_cross_entropy(
+            x["logits"], x["target"], x["tau"], rho=rho, inplace_backward=True)
     elif case.op == "linear":
         impls["tempnet"] = lambda x: tempnet.tempered_linear_cross_entropy(x["hidden"], x["weight"], x["target"],
                                                                            x["tau"], rho=rho)
@@ -314,12 +318,16 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
                 Case("linear", {"N": 64, "D": 32, "V": 1000}, "float32", "dro"),
                 Case("contrastive", {"B": 64, "D": 32}, "float32", "dro")]
     if device.type == "cuda":
-        cases = [Case("ce", {"N": 16384, "V": v}, "bfloat16", m) for v in (32000, 128256, 256000)
-                 for m in ("plain_tau1", "dro")]
-        cases += [Case("linear", {"N": 8192, "D": 4096, "V": 128256}, "bfloat16", m) for m in ("plain_tau1", "dro")]
-        cases += [Case("contrastive", {"B": b, "D": 768}, "bfloat16", m) for b in (4096, 16384, 65536)
-                  for m in ("plain_tau1", "dro")]
-        return cases
+        # Most telling first (a run cut short by a device-time limit keeps what it finished).
+        ce, linear, contrastive = {"N": 16384, "V": 128256}, {"N": 8192, "D": 4096, "V": 128256}, {"B": 16384, "D": 768}
+        return [Case("ce", ce, "bfloat16", "plain_tau1"), Case("ce", ce, "bfloat16", "dro"),
+                Case("linear", linear, "bfloat16", "plain_tau1"), Case("linear", linear, "bfloat16", "dro"),
+                Case("contrastive", contrastive, "bfloat16", "plain_tau1"),
+                Case("contrastive", contrastive, "bfloat16", "dro"),
+                Case("ce", ce, "bfloat16", "dro_options"),
+                Case("ce", {"N": 16384, "V": 256000}, "bfloat16", "dro"),
+                Case("ce", {"N": 16384, "V": 32000}, "bfloat16", "dro"),
+                Case("contrastive", {"B": 65536, "D": 768}, "bfloat16", "plain_tau1")]
     return [Case("ce", {"N": 4096, "V": 32000}, "float32", "dro"),
             Case("ce", {"N": 4096, "V": 32000}, "float32", "dro_options"),
             Case("ce", {"N": 4096, "V": 32000}, "float32", "plain_tau1"),
@@ -346,6 +354,10 @@ def _run_case(case: Case, device: torch.device, ceilings: dict[str, float], repe
                 result.peak_mb = gpu_peak_mb(fn, inputs, device) if on_gpu else cpu_peak_mb(case, name)
         except torch.OutOfMemoryError:
             result.note = "out of memory"
+        except Exception as error:  # a third-party baseline that fails here must not end the run
+            if name.startswith("tempnet"):
+                raise
+            result.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
         case_results.append(result)
     first = case_results[0]
     for other in case_results[1:]:
@@ -355,22 +367,28 @@ def _run_case(case: Case, device: torch.device, ceilings: dict[str, float], repe
 
 
 def run(cases: list[Case], device: torch.device, repeats: int, warmup: int, measure_memory: bool,
-        progress: Callable[[str], None] = print) -> tuple[dict, list[Result]]:
-    """Measure every implementation of every case (value checks off while timing); return (meta, results)."""
+        progress: Callable[[str], None] = print,
+        after_case: Callable[[dict, list[Result]], None] | None = None) -> tuple[dict, list[Result]]:
+    """Measure every implementation of every case (value checks off while timing); return (meta, results).
+
+    ``after_case(meta, results_so_far)`` runs after each case (the CLI writes partial results).
+    """
     with tempnet.value_checks(False):
-        ceilings = measure_ceilings(device)
-        results = [r for case in cases for r in _run_case(case, device, ceilings, repeats, warmup, measure_memory,
-                                                          progress)]
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "triton": _version("triton"), "tempnet": tempnet.__version__,
-        "tempnet_backend": tempnet.choose_backend("auto", device).name,
-        "cuda_driver": _cuda_driver() if device.type == "cuda" else None,
-        "value_checks": False, "repeats": repeats, "warmup": warmup, "ceilings": ceilings,
-        "timing": "median wall time; backward = (forward+backward) - forward",
-    }
+        meta = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "triton": _version("triton"), "tempnet": tempnet.__version__,
+            "tempnet_backend": tempnet.choose_backend("auto", device).name,
+            "cuda_driver": _cuda_driver() if device.type == "cuda" else None,
+            "value_checks": False, "repeats": repeats, "warmup": warmup, "ceilings": measure_ceilings(device),
+            "timing": "median wall time; backward = (forward+backward) - forward",
+        }
+        results: list[Result] = []
+        for case in cases:
+            results += _run_case(case, device, meta["ceilings"], repeats, warmup, measure_memory, progress)
+            if after_case is not None:
+                after_case(meta, results)
     return meta, results
 
 
@@ -417,6 +435,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the JSON and markdown results")
 
 
+def write_results(meta: dict, results: list[Result], out: Path, stem: str) -> Path:
+    """Write ``{stem}.json`` (meta and every result) and ``{stem}.md`` (the markdown table) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    rows = [{**asdict(r), "case": asdict(r.case)} for r in results]
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    (out / f"{stem}.md").write_text(f"Measured {meta['date']} on {meta['device']} "
+                                    f"(torch {meta['torch']}, triton {meta['triton']}).\n\n"
+                                    f"{markdown_table(results)}\n")
+    return path
+
+
 def main_from_args(args: argparse.Namespace) -> Path:
     device = torch.device(args.device)
     ops = set(args.ops.split(","))
@@ -424,17 +454,12 @@ def main_from_args(args: argparse.Namespace) -> Path:
     if unknown:
         raise SystemExit(f"--ops: unknown op(s) {sorted(unknown)}; choose from ce, linear, contrastive")
     cases = [c for c in default_cases(device, args.quick) if c.op in ops]
-    meta, results = run(cases, device, args.repeats, args.warmup, not args.no_memory,
-                        progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    table = markdown_table(results)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{device.type}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}"
-    path = args.out / f"{stem}.json"
-    rows = [{**asdict(r), "case": asdict(r.case)} for r in results]
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    (args.out / f"{stem}.md").write_text(f"Measured {meta['date']} on {meta['device']} "
-                                         f"(torch {meta['torch']}, triton {meta['triton']}).\n\n{table}\n")
+    meta, results = run(cases, device, args.repeats, args.warmup, not args.no_memory,
+                        progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
+                        after_case=lambda m, r: write_results(m, r, args.out, stem))
+    print(markdown_table(results))
+    path = write_results(meta, results, args.out, stem)
     print(f"[bench] wrote {path}", file=sys.stderr)
     return path
 

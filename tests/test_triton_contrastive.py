@@ -28,6 +28,14 @@ def _features(rows: int, dim: int, dtype: torch.dtype, gen: torch.Generator) -> 
     return feats.to(dtype).to(DEVICE).requires_grad_()
 
 
+def _for_device(tiles: Tiles | None) -> Tiles | None:
+    """The interpreter takes any tile; a GPU's ``tl.dot`` needs every size ≥ 16."""
+    if tiles is None or DEVICE == "cpu":
+        return tiles
+    sizes = (max(16, size) for size in (tiles.block_m, tiles.block_n, tiles.block_d, tiles.block_d_out))
+    return Tiles(*sizes, num_warps=tiles.num_warps)
+
+
 def _side_case(n_anchor, n_cand, offset, dim, dtype, rho, tiles, seed=0):
     """Run the kernel and the float64 reference (on the same rounded inputs); return errors."""
     gen = torch.Generator().manual_seed(seed)
@@ -37,7 +45,7 @@ def _side_case(n_anchor, n_cand, offset, dim, dtype, rho, tiles, seed=0):
     tau = (0.05 + 0.5 * torch.rand(n_anchor, generator=gen, dtype=torch.float64)).to(DEVICE, tau_dtype).requires_grad_()
     weights = torch.linspace(0.5, 1.5, n_anchor, dtype=torch.float64)
 
-    out = contrastive_side(anchors, candidates, tau, offset=offset, rho=rho, tiles=tiles)
+    out = contrastive_side(anchors, candidates, tau, offset=offset, rho=rho, tiles=_for_device(tiles))
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     grads = torch.autograd.grad(out, (anchors, candidates, tau), weights.to(out))
     assert [g.dtype for g in grads] == [dtype, dtype, tau_dtype]
