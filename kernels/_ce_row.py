@@ -180,20 +180,20 @@ def ce_rows_kernel(
             tl.store(dz_row + cols, tl.where(valid, g, zero).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(vocab: int, acc_dtype: torch.dtype, block_v: int | None = None,
-                  num_warps: int | None = None) -> tuple[int, int]:
+def launch_config(vocab: int, block_v: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``vocab`` classes.
 
-    ``BLOCK_V`` is the power of two covering the row, capped (16384 for float32 accumulation,
-    4096 for float64 on a GPU; 1024 under the interpreter), so any ``V`` is streamed in a
-    bounded number of registers. ``block_v`` overrides it (tests use it to force multi-block rows);
-    ``num_warps`` overrides the warp count (``benchmarks/gpu_tune.py`` sweeps both).
+    ``BLOCK_V`` is the power of two covering the row, capped at 4096 on a GPU (1024 under the
+    interpreter), so any ``V`` is streamed in a bounded number of registers; 4 warps up to 4096
+    columns. On an H200 (bfloat16, N = 16384, V = 128256, both passes) 4096 × 4 warps moved
+    3.9 TB/s against 3.6 for 16384 × 16 (benchmarks/results/gpu_tune-h200-2026-11-26.json).
+    ``block_v`` overrides it (tests use it to force multi-block rows); ``num_warps`` overrides the
+    warp count (``benchmarks/gpu_tune.py`` sweeps both).
     """
     if block_v is None:
-        cap = 1024 if triton_interpreter_enabled() else (4096 if acc_dtype == torch.float64 else 16384)
-        block_v = min(triton.next_power_of_2(vocab), cap)
+        block_v = min(triton.next_power_of_2(vocab), 1024 if triton_interpreter_enabled() else 4096)
     if num_warps is None:
-        num_warps = 4 if block_v <= 2048 else (8 if block_v <= 8192 else 16)
+        num_warps = 4 if block_v <= 4096 else (8 if block_v <= 8192 else 16)
     return block_v, num_warps
 
 
@@ -228,7 +228,7 @@ def launch_ce_rows(
     if n_rows == 0:
         return
     acc = lse.dtype
-    block, num_warps = launch_config(vocab, acc, block_v, num_warps)
+    block, num_warps = launch_config(vocab, block_v, num_warps)
     weight = opts.class_weight
     dummy = lse
     ce_rows_kernel[(n_rows,)](

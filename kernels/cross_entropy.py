@@ -1,26 +1,26 @@
 """Fused Triton tempered cross-entropy over a vocabulary (SPEC §1, §1b): ``cross_entropy_rows``.
 
-The forward pass runs :func:`tempnet.kernels._ce_row.ce_rows_kernel`, one program per row, which
-computes the row loss, ``lse`` and — when the inputs require grad — the whole per-row gradient
-``∂R/∂z`` and ``∂R/∂τ`` at once. The backward pass only scales them by the incoming per-row
-gradient ``g`` (the reduction of :mod:`tempnet.functional` happens outside, so backward always
-receives a ``(N,)`` gradient).
+Both passes of :func:`tempnet.kernels._ce_row.ce_rows_kernel` (one program per row) run once each:
 
-Memory traffic of the ``(N, V)`` logits: forward reads them twice (pass 1: online max /
-sum-exp / entropy terms; pass 2: softmax and gradient) and writes the gradient once — 2 reads
-and 1 write, whatever options are on (they are fused into the same passes). Backward is one
-in-place scale of the gradient buffer (1 read, 1 write). Without ``requires_grad`` only pass 1
-runs (1 read).
+- forward: pass 1 only (one read of the logits) gives the row loss, ``lse`` and ``∂R/∂τ``;
+- backward: pass 2 (one read, one write) writes ``g_i · ∂R_i/∂z_i`` with the incoming per-row
+  gradient ``g`` fused in (the reduction of :mod:`tempnet.functional` happens outside, so
+  backward always receives a ``(N,)`` gradient); ``∂L/∂τ = g ⊙ ∂R/∂τ``.
 
-In-place option (``opts.inplace_backward``): ∂L/∂z is written into the logits buffer itself
-(the ``(N, V)`` tensor passed in, unit column stride), block by block right after pass 2 has
-read it, and that buffer is returned as the logits' gradient (scaled in place by ``g``). This
-saves the ``(N, V)`` gradient allocation; the caller promises not to read the logits after the
-forward call (their values are destroyed, and autograd's version counter is not bumped).
-Without it one gradient buffer of the logits' dtype is allocated. Either way backward can run
-only once per forward (the buffer is scaled in place); ``retain_graph`` double backward raises.
+So the ``(N, V)`` logits cost 2 reads and 1 write in all, whatever options are on (they are
+fused into the same passes), and no ``(N, V)`` buffer exists between forward and backward.
+Without ``requires_grad`` only pass 1 runs.
 
-No host–device synchronisation happens on any path.
+In-place option (``opts.inplace_backward``): backward writes ∂L/∂z into the logits buffer itself
+(the ``(N, V)`` tensor passed in, unit column stride), block by block right after reading it,
+and returns that buffer as the logits' gradient. This saves the ``(N, V)`` gradient allocation;
+the caller promises not to read the logits after the loss is computed (their values are
+destroyed by backward, and autograd's version counter is not bumped), and backward can run only
+once (a second one raises). Without it backward allocates one gradient buffer of the logits'
+dtype, and ``retain_graph`` double backward works.
+
+Launch parameters (:func:`tempnet.kernels._ce_row.launch_config`) come from
+``benchmarks/gpu_tune.py``. No host–device synchronisation happens on any path.
 """
 
 from __future__ import annotations
@@ -37,43 +37,46 @@ def class_weight_sum(opts: CEOptions, acc: torch.dtype) -> torch.Tensor | None:
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
-    """Rows and lse of SPEC §1 / §1b with the gradients precomputed in the forward pass."""
+    """Rows and lse of SPEC §1 / §1b: pass 1 in forward, pass 2 (gradient, scale fused) in backward."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, opts: CEOptions,
                 grad_enabled: bool, block_v: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         n_rows = logits.shape[0]
         acc = compute_dtype(logits.dtype)
-        want_dz = grad_enabled and ctx.needs_input_grad[0]
         want_dtau = grad_enabled and ctx.needs_input_grad[2]
         rows = torch.empty(n_rows, dtype=acc, device=logits.device)
         lse = torch.empty(n_rows, dtype=acc, device=logits.device)
         dtau = torch.empty(n_rows, dtype=acc, device=logits.device) if want_dtau else None
-        grad = None
-        if want_dz:
-            grad = logits.detach() if opts.inplace_backward else torch.empty(
-                logits.shape, dtype=logits.dtype, device=logits.device)
-        launch_ce_rows(logits, target, tau, opts, weight_sum=class_weight_sum(opts, acc), rows=rows, lse=lse,
-                       dtau=dtau, grad=grad, block_v=block_v)
-        ctx.grad_logits, ctx.grad_tau = grad, dtau
-        ctx.tau_dtype = tau.dtype
+        weight_sum = class_weight_sum(opts, acc)
+        launch_ce_rows(logits, target, tau, opts, weight_sum=weight_sum, rows=rows, lse=lse, dtau=dtau,
+                       block_v=block_v)
+        if grad_enabled and ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, target, tau, lse, weight_sum)
+        ctx.opts, ctx.block_v, ctx.grad_tau, ctx.tau_dtype = opts, block_v, dtau, tau.dtype
+        ctx.consumed = False
         ctx.mark_non_differentiable(lse)
         return rows, lse
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor, grad_lse: torch.Tensor):
         del grad_lse  # lse carries no gradient
-        if ctx.grad_logits is None and ctx.grad_tau is None and any(ctx.needs_input_grad):
-            raise RuntimeError(
-                "tempnet triton cross-entropy: backward ran twice on one forward; its gradient buffer is scaled "
-                "in place, so retain_graph=True double backward is not supported — call the loss again"
-            )
         grad_logits = grad_tau = None
-        if ctx.grad_logits is not None:
-            grad_logits = ctx.grad_logits.mul_(grad_rows.unsqueeze(1))
+        if ctx.needs_input_grad[0]:
+            if ctx.consumed and ctx.opts.inplace_backward:
+                raise RuntimeError(
+                    "tempnet triton cross-entropy: backward ran twice on one forward with inplace_backward=True; the "
+                    "first one overwrote the logits with their gradient — call the loss again, or use "
+                    "inplace_backward=False for retain_graph=True double backward"
+                )
+            logits, target, tau, lse, weight_sum = ctx.saved_tensors
+            grad_logits = logits.detach() if ctx.opts.inplace_backward else torch.empty(
+                logits.shape, dtype=logits.dtype, device=logits.device)
+            launch_ce_rows(logits, target, tau, ctx.opts, weight_sum=weight_sum, rows=None, lse=lse, dtau=None,
+                           grad=grad_logits, lse_given=True, scale=grad_rows, block_v=ctx.block_v)
+            ctx.consumed = True
         if ctx.grad_tau is not None:
             grad_tau = (ctx.grad_tau * grad_rows).to(ctx.tau_dtype)
-        ctx.grad_logits = ctx.grad_tau = None
         return grad_logits, None, grad_tau, None, None, None
 
 

@@ -13,11 +13,19 @@ half-precision inputs, so the logits are never rounded to bfloat16 before ``/ τ
 
 Chunk size rule (:func:`rows_per_chunk`): ``C = ⌊budget / (V · 4)⌋`` rows (8 for float64), rounded
 down to a multiple of 128 when at least 128 (GEMM tiles), clamped to ``[1, N]``; ``budget`` is
-:data:`CHUNK_BYTES` (256 MiB), so the logits buffer never exceeds it (except for a single row
-wider than the budget). Peak extra memory is that buffer, plus for float16 / bfloat16 inputs a
-float32 ``(V, D)`` accumulator of ``grad_weight`` and a ``(⌊budget / (D · element_size)⌋, D)``
-slice of the per-chunk ``dz.T @ hidden`` product (so ``grad_weight`` sums chunks in float32);
-it scales with the chunk, never with ``N · V``.
+:data:`CHUNK_BYTES` (256 MiB) on the CPU and :data:`GPU_CHUNK_BYTES` (1 GiB) on a GPU, where every
+chunk also costs one read and one write of the float32 ``grad_weight`` accumulator, so fewer,
+larger chunks pay. The logits buffer never exceeds the budget (except for a single row wider
+than it). Peak extra memory is that buffer, plus for float16 / bfloat16 inputs its copy in the
+input dtype (the GEMM operand of the gradient products) and a float32 ``(V, D)`` accumulator of
+``grad_weight`` (on the CPU a ``(⌊budget / (D · 4)⌋, D)`` slice of the per-chunk
+``dz.T @ hidden`` product instead of the copy); it scales with the chunk, never with ``N · V``.
+
+On a GPU the half-precision products run on cuBLAS with float32 output where it matters:
+``torch.mm(..., out_dtype=float32)`` writes the chunk logits straight into the float32 buffer,
+and ``torch.addmm(grad_weight, dz.T, hidden_chunk, out_dtype=float32)`` accumulates
+``grad_weight`` in float32 in the GEMM's epilogue; ``grad_hidden`` is one half-precision GEMM
+(float32 accumulation inside, rounded once).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from tempnet.kernels._ce_row import launch_ce_rows
 from tempnet.kernels.cross_entropy import class_weight_sum
 
 CHUNK_BYTES = 256 * 2**20
+GPU_CHUNK_BYTES = 2**30
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -50,7 +59,7 @@ def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     """
     if out.dtype != hidden.dtype:
         if hidden.is_cuda:
-            out.copy_(torch.mm(hidden, weight.t(), out_dtype=out.dtype))
+            torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
         else:
             torch.mm(hidden.to(out.dtype), weight.t().to(out.dtype), out=out)
         return out if bias is None else out.add_(bias.to(out.dtype))
@@ -59,25 +68,35 @@ def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _half_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` for a float32 ``a`` (a gradient chunk) and a half ``b``, rounded to ``b``'s dtype
-    at the end (``out`` in ``b``'s dtype) or kept in float32 (``out is None``)."""
-    on_gpu = a.is_cuda
-    product = torch.mm(a.to(b.dtype), b, out_dtype=torch.float32) if on_gpu else torch.mm(a, b.to(a.dtype))
-    if out is None:
-        return product
-    return out.copy_(product)
+def _gradient_products(dz: torch.Tensor, hidden_chunk: torch.Tensor, weight: torch.Tensor,
+                       grad_hidden_chunk: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """``grad_hidden_chunk = dz @ weight`` and ``grad_weight += dz.T @ hidden_chunk``.
 
-
-def _accumulate_weight_grad(grad_weight: torch.Tensor, dz: torch.Tensor, hidden: torch.Tensor) -> None:
-    """``grad_weight += dz.T @ hidden``; half-precision products are summed in float32 by V-slices."""
-    if hidden.dtype == dz.dtype:
-        grad_weight.addmm_(dz.t(), hidden)
+    ``dz (C, V)`` is in the accumulation dtype; for half-precision inputs it is rounded to their
+    dtype once per chunk (GPU GEMM operand) and ``grad_weight`` is a float32 accumulator.
+    """
+    if dz.dtype == weight.dtype:
+        if grad_hidden_chunk is not None:
+            torch.mm(dz, weight, out=grad_hidden_chunk)
+        if grad_weight is not None:
+            grad_weight.addmm_(dz.t(), hidden_chunk)
         return
-    vocab, dim = grad_weight.shape
-    step = max(1, CHUNK_BYTES // (dim * dz.element_size()))
-    for start in range(0, vocab, step):
-        grad_weight[start:start + step] += _half_mm(dz[:, start:start + step].t(), hidden)
+    if dz.is_cuda:
+        dz_half = dz.to(weight.dtype)
+        if grad_hidden_chunk is not None:
+            torch.mm(dz_half, weight, out=grad_hidden_chunk)
+        if grad_weight is not None:
+            torch.addmm(grad_weight, dz_half.t(), hidden_chunk, out_dtype=grad_weight.dtype, out=grad_weight)
+        return
+    if grad_hidden_chunk is not None:
+        grad_hidden_chunk.copy_(torch.mm(dz, weight.to(dz.dtype)))
+    if grad_weight is not None:
+        # float32 products by V-slices, so the temporary stays within the chunk budget.
+        vocab, dim = grad_weight.shape
+        step = max(1, CHUNK_BYTES // (dim * dz.element_size()))
+        hidden_acc = hidden_chunk.to(dz.dtype)
+        for start in range(0, vocab, step):
+            grad_weight[start:start + step].addmm_(dz[:, start:start + step].t(), hidden_acc)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -92,7 +111,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         acc = compute_dtype(hidden.dtype)
         device = hidden.device
         bias_cast = None if bias is None else bias.to(hidden.dtype)
-        chunk = chunk_rows or rows_per_chunk(n_rows, vocab, torch.finfo(acc).bits // 8)
+        budget = GPU_CHUNK_BYTES if hidden.is_cuda else CHUNK_BYTES
+        chunk = chunk_rows or rows_per_chunk(n_rows, vocab, torch.finfo(acc).bits // 8, budget)
         rows = torch.empty(n_rows, dtype=acc, device=device)
         lse = torch.empty(n_rows, dtype=acc, device=device)
         dtau = torch.empty(n_rows, dtype=acc, device=device) if grad_enabled and ctx.needs_input_grad[4] else None
@@ -135,12 +155,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 launch_ce_rows(dz, target[start:end], tau[start:end], ctx.opts, weight_sum=weight_sum, rows=None,
                                lse=lse[start:end], dtau=None, grad=dz, lse_given=True, scale=grad_rows[start:end],
                                block_v=ctx.block_v)
-                if need_hidden and dz.dtype == weight.dtype:
-                    torch.mm(dz, weight, out=grad_hidden[start:end])
-                elif need_hidden:
-                    _half_mm(dz, weight, out=grad_hidden[start:end])
-                if need_weight:
-                    _accumulate_weight_grad(grad_weight, dz, hidden_chunk)
+                _gradient_products(dz, hidden_chunk, weight, grad_hidden[start:end] if need_hidden else None,
+                                   grad_weight)
                 if need_bias:
                     grad_bias += dz.sum(0, dtype=acc)
         if grad_weight is not None:

@@ -186,6 +186,19 @@ def test_inplace_through_public_op_and_double_backward_raises():
         loss.backward()
 
 
+def test_double_backward_without_inplace():
+    """Backward recomputes the gradient from the saved logits, so ``retain_graph`` works."""
+    gen = torch.Generator().manual_seed(19)
+    logits = torch.randn(5, 37, generator=gen, requires_grad=True)
+    target = torch.randint(0, 37, (5,), generator=gen)
+    tau = (0.5 + torch.rand(5, generator=gen)).requires_grad_()
+    loss = tempnet.tempered_cross_entropy(logits, target, tau, rho=1.0, backend="triton")
+    first = torch.autograd.grad(loss, (logits, tau), retain_graph=True)
+    second = torch.autograd.grad(loss, (logits, tau))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_gradients_only_where_required():
     gen = torch.Generator().manual_seed(10)
     logits = torch.randn(5, 12, generator=gen)
