@@ -120,10 +120,13 @@ at::vec::Vectorized<acc_t> softcap_tanh(const at::vec::Vectorized<acc_t>& x) {
   }
 }
 
-// u[0:n] = c(z) / τ; with softcap and `chain` also chain[0:n] = 1 − tanh²(z / cap) = ∂c/∂z. Float32 logits are
-// read in place, other storage types are first converted into u.
-template <typename scalar_t, typename acc_t>
-void tempered_block(const scalar_t* z, acc_t* u, acc_t* chain, int64_t n, acc_t inv_tau, const Options<acc_t>& o) {
+// u[0:n] = c(z) / τ of one block, with its maximum (NaN-propagating) in max_out and, when kSmooth, Σ w u in sum_out
+// (w = 1 without weights), all in one sweep; with kSoftcap and `chain` also chain[0:n] = 1 − tanh²(z / cap) = ∂c/∂z.
+// Float32 logits are read in place, other storage types are first converted into u. The tail goes through the same
+// vector code (partial load / store), so a column's value does not depend on its position in the row.
+template <bool kSoftcap, bool kSmooth, typename scalar_t, typename acc_t>
+void tempered_block(const scalar_t* z, acc_t* u, acc_t* chain, const acc_t* w, int64_t n, acc_t inv_tau,
+                    const Options<acc_t>& o, acc_t& max_out, acc_t& sum_out) {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t* src;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -132,42 +135,31 @@ void tempered_block(const scalar_t* z, acc_t* u, acc_t* chain, int64_t n, acc_t 
     tempnet::load_as(z, u, n);
     src = u;
   }
-  const int64_t nv = n - n % Vec::size();
-  int64_t k = 0;
-  if (!o.softcap) {
-    const Vec scale(inv_tau);
-    for (; k < nv; k += Vec::size()) (Vec::loadu(src + k) * scale).store(u + k);
-    for (; k < n; ++k) u[k] = src[k] * inv_tau;
-    return;
-  }
-  // The tail goes through the same vector tanh (partial load / store), so a column's value does not
-  // depend on its position in the row.
-  const Vec inv_cap(o.inv_cap), scale(o.cap * inv_tau), one(acc_t(1));
-  auto capped = [&](int64_t j, int64_t count) {
-    const Vec t = softcap_tanh(Vec::loadu(src + j, count) * inv_cap);
-    (t * scale).store(u + j, count);
-    if (chain != nullptr) at::vec::fnmadd(t, t, one).store(chain + j, count);
+  const Vec scale(kSoftcap ? o.cap * inv_tau : inv_tau), inv_cap(o.inv_cap), one(acc_t(1));
+  auto tempered = [&](int64_t j, int64_t count) {
+    const Vec x = Vec::loadu(src + j, count);
+    if constexpr (!kSoftcap) {
+      return x * scale;
+    } else {
+      const Vec t = softcap_tanh(x * inv_cap);
+      if (chain != nullptr) at::vec::fnmadd(t, t, one).store(chain + j, count);
+      return t * scale;
+    }
   };
-  for (; k < nv; k += Vec::size()) capped(k, Vec::size());
-  if (k < n) capped(k, n - k);
-}
-
-// Block max (NaN-propagating) and, when `smooth`, Σ w u over the block (w = 1 without weights).
-template <typename acc_t>
-void block_stats(const acc_t* u, const acc_t* w, int64_t n, bool smooth, acc_t& max_out, acc_t& sum_out) {
-  using Vec = at::vec::Vectorized<acc_t>;
   const int64_t nv = n - n % Vec::size();
   Vec vmax(-std::numeric_limits<acc_t>::infinity()), vsum(acc_t(0));
   int64_t k = 0;
   for (; k < nv; k += Vec::size()) {
-    const Vec x = Vec::loadu(u + k);
-    vmax = at::vec::maximum(vmax, x);
-    if (smooth) vsum = w != nullptr ? at::vec::fmadd(x, Vec::loadu(w + k), vsum) : vsum + x;
+    const Vec v = tempered(k, Vec::size());
+    v.store(u + k);
+    vmax = at::vec::maximum(vmax, v);
+    if constexpr (kSmooth) vsum = w != nullptr ? at::vec::fmadd(v, Vec::loadu(w + k), vsum) : vsum + v;
   }
   acc_t mx = tempnet::horizontal_max(vmax), sm = tempnet::horizontal_sum(vsum);
+  if (k < n) tempered(k, n - k).store(u + k, n - k);
   for (; k < n; ++k) {
     mx = (u[k] > mx || std::isnan(u[k])) ? u[k] : mx;
-    if (smooth) sm += (w != nullptr ? w[k] : acc_t(1)) * u[k];
+    if constexpr (kSmooth) sm += (w != nullptr ? w[k] : acc_t(1)) * u[k];
   }
   max_out = mx;
   sum_out = sm;
@@ -264,10 +256,17 @@ void ce_row(const Problem<scalar_t>& p, const Options<acc_type<scalar_t>>& o, in
   for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - j0);
     acc_t* u = scratch.e.data() + j0;
-    tempered_block(z + j0, u, chain_row != nullptr ? chain_row + j0 : nullptr, n, inv_tau, o);
-    if (y >= j0 && y < j0 + n) u_y = u[y - j0];
+    acc_t* chain = chain_row != nullptr ? chain_row + j0 : nullptr;
+    const acc_t* w = o.weight != nullptr ? o.weight + j0 : nullptr;
     acc_t block_max, block_sum;
-    block_stats(u, o.weight != nullptr ? o.weight + j0 : nullptr, n, smooth, block_max, block_sum);
+    if (o.softcap) {
+      smooth ? tempered_block<true, true>(z + j0, u, chain, w, n, inv_tau, o, block_max, block_sum)
+             : tempered_block<true, false>(z + j0, u, chain, w, n, inv_tau, o, block_max, block_sum);
+    } else {
+      smooth ? tempered_block<false, true>(z + j0, u, chain, w, n, inv_tau, o, block_max, block_sum)
+             : tempered_block<false, false>(z + j0, u, chain, w, n, inv_tau, o, block_max, block_sum);
+    }
+    if (y >= j0 && y < j0 + n) u_y = u[y - j0];
     S += block_sum;
     const acc_t m_new = (block_max > m || std::isnan(block_max)) ? block_max : m;
     if (s > acc_t(0)) {  // rescale s and b from the old max m to m_new

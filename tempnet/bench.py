@@ -7,8 +7,10 @@ achieved bandwidth (cross-entropy: two reads and one write of the logits) or TFL
 large matmul), and peak memory over the inputs: ``torch.cuda.max_memory_allocated`` on GPU, the
 peak RSS of a fresh subprocess on CPU. Results print as a markdown table and are written as JSON.
 
-Backward time is ``(forward+backward) − forward`` (medians), so a fused op that computes its
-gradient during the forward pass reports that work under forward. Value checks (SPEC §5) are
+The repetitions of a case's implementations are interleaved (round robin, see
+:func:`time_interleaved`), so the ratios hold on a shared machine whose speed drifts. Backward
+time is ``(forward+backward) − forward`` (medians), so a fused op that computes its gradient
+during the forward pass reports that work under forward. Value checks (SPEC §5) are
 switched off while timing; the JSON says so.
 """
 
@@ -130,7 +132,7 @@ def implementations(case: Case, device: torch.device) -> dict[str, Callable[[Inp
 
             liger = LigerCrossEntropyLoss()
             impls["liger"] = lambda x: liger(x["logits"], x["target"])
-        # Last: it overwrites the logits with their gradient, which the implementations above read.
+        # Last, and timed after the others (DESTROYS_INPUTS): it overwrites the logits with their gradient.
         impls["tempnet inplace_backward"] = lambda x: tempnet.tempered_cross_entropy(
             x["logits"], x["target"], x["tau"], rho=rho, inplace_backward=True)
     elif case.op == "linear":
@@ -199,26 +201,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(_elapsed_ms(fn, device) for _ in range(repeats))
 
 
 def _differentiable(inputs: Inputs) -> list[torch.Tensor]:
     return [v for v in inputs.values() if v.requires_grad]
 
 
-def time_impl(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs, device: torch.device, repeats: int,
-              warmup: int) -> tuple[float, float, float]:
-    """Median forward, backward and forward+backward milliseconds of ``fn`` on ``inputs``."""
+def _passes(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> tuple[Callable[[], object], Callable[[], None]]:
+    """``(forward, forward_backward)`` closures of ``fn`` on ``inputs``."""
     grads = _differentiable(inputs)
 
     def forward() -> torch.Tensor:
@@ -229,9 +231,33 @@ def time_impl(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs, device: torc
             tensor.grad = None
         forward().backward()
 
-    total = _median_ms(forward_backward, device, repeats, warmup)
-    fwd = _median_ms(forward, device, repeats, warmup)
-    return fwd, max(total - fwd, 0.0), total
+    return forward, forward_backward
+
+
+def time_interleaved(fns: dict[str, Callable[[Inputs], torch.Tensor]], inputs: Inputs, device: torch.device,
+                     repeats: int, warmup: int) -> dict[str, tuple[float, float, float]]:
+    """Median forward, backward and forward+backward milliseconds of each implementation.
+
+    After ``warmup`` passes of each, the ``repeats`` repetitions go round robin over the
+    implementations, so slow drifts of a shared machine (other load, clock changes) fall on all
+    of them alike and their ratios hold even where absolute times wander. Backward is
+    ``(forward+backward) − forward`` of the medians.
+    """
+    passes = {name: _passes(fn, inputs) for name, fn in fns.items()}
+    for forward, forward_backward in passes.values():
+        for _ in range(warmup):
+            forward_backward()
+            forward()
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
+    for _ in range(repeats):
+        for name, (forward, forward_backward) in passes.items():
+            samples[name][1].append(_elapsed_ms(forward_backward, device))
+            samples[name][0].append(_elapsed_ms(forward, device))
+    medians = {}
+    for name, (fwd_times, total_times) in samples.items():
+        fwd, total = statistics.median(fwd_times), statistics.median(total_times)
+        medians[name] = (fwd, max(total - fwd, 0.0), total)
+    return medians
 
 
 def gpu_peak_mb(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs, device: torch.device) -> float:
@@ -335,30 +361,53 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
             Case("contrastive", {"B": 4096, "D": 768}, "float32", "dro")]
 
 
+# Implementations that overwrite their inputs (the logits become their gradient): timed after the others.
+DESTROYS_INPUTS = frozenset({"tempnet inplace_backward"})
+
+
+def _failure_note(name: str, error: Exception) -> str:
+    """The note of a failed implementation; tempnet's own failures are errors, not notes."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    if name.startswith("tempnet"):
+        raise error
+    # a third-party baseline that fails here must not end the run
+    return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
 def _run_case(case: Case, device: torch.device, ceilings: dict[str, float], repeats: int, warmup: int,
               measure_memory: bool, progress: Callable[[str], None]) -> list[Result]:
     inputs = make_inputs(case, device)
     unit, work = _work(case)
     ceiling = ceilings["copy_GBps"] if unit == "GB/s" else ceilings["matmul_TFLOPs"]
-    case_results = []
-    for name, fn in implementations(case, device).items():
-        progress(f"{case.label}: {name}")
-        result = Result(case, name)
+    impls = implementations(case, device)
+    results = {name: Result(case, name) for name in impls}
+    runnable = {}
+    for name, fn in impls.items():  # one trial pass each: a baseline that fails is noted and left out
         try:
-            result.forward_ms, result.backward_ms, result.total_ms = time_impl(fn, inputs, device, repeats, warmup)
-            scale = 1e6 if unit == "GB/s" else 1e9
-            result.throughput = work / result.total_ms / scale
+            _passes(fn, inputs)[1]()
+            runnable[name] = fn
+        except Exception as error:
+            results[name].note = _failure_note(name, error)
+    groups = [{n: f for n, f in runnable.items() if n not in DESTROYS_INPUTS},
+              {n: f for n, f in runnable.items() if n in DESTROYS_INPUTS}]
+    for group in groups:
+        if not group:
+            continue
+        progress(f"{case.label}: {', '.join(group)}")
+        for name, (fwd, bwd, total) in time_interleaved(group, inputs, device, repeats, warmup).items():
+            result = results[name]
+            result.forward_ms, result.backward_ms, result.total_ms = fwd, bwd, total
+            result.throughput = work / total / (1e6 if unit == "GB/s" else 1e9)
             result.note = f"{100 * result.throughput / ceiling:.0f}% of measured {unit} ceiling"
-            if measure_memory:
+    if measure_memory:
+        for name, fn in runnable.items():
+            try:
                 on_gpu = device.type == "cuda"
-                result.peak_mb = gpu_peak_mb(fn, inputs, device) if on_gpu else cpu_peak_mb(case, name)
-        except torch.OutOfMemoryError:
-            result.note = "out of memory"
-        except Exception as error:  # a third-party baseline that fails here must not end the run
-            if name.startswith("tempnet"):
-                raise
-            result.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        case_results.append(result)
+                results[name].peak_mb = gpu_peak_mb(fn, inputs, device) if on_gpu else cpu_peak_mb(case, name)
+            except Exception as error:
+                results[name].note = _failure_note(name, error)
+    case_results = list(results.values())
     first = case_results[0]
     for other in case_results[1:]:
         if first.total_ms and other.total_ms:
@@ -382,7 +431,8 @@ def run(cases: list[Case], device: torch.device, repeats: int, warmup: int, meas
             "tempnet_backend": tempnet.choose_backend("auto", device).name,
             "cuda_driver": _cuda_driver() if device.type == "cuda" else None,
             "value_checks": False, "repeats": repeats, "warmup": warmup, "ceilings": measure_ceilings(device),
-            "timing": "median wall time; backward = (forward+backward) - forward",
+            "timing": ("median wall time, repetitions interleaved across implementations; "
+                       "backward = (forward+backward) - forward"),
         }
         results: list[Result] = []
         for case in cases:
