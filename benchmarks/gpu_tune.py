@@ -5,7 +5,8 @@
 - the fused cross-entropy row kernel (pass 1 and pass 2, DRO, per-row τ, both gradients) at
   ``N × V`` bfloat16 logits over ``BLOCK_V × num_warps``, as GB/s of its 2 reads + 1 write;
 - the contrastive side (forward + backward of one side, DRO, per-anchor τ) at ``B × D`` bfloat16
-  features over the tile sizes, as TFLOP/s of its 4 ``B×B×D`` products (1 forward, 3 backward).
+  features over the forward kernel's tile sizes and the backward's rows per chunk, as TFLOP/s of
+  its 4 ``B×B×D`` products (1 forward, 3 backward).
 
 It writes ``gpu_tune.json`` (every configuration, the device, versions and shapes) and prints the
 best of each. The defaults in ``kernels/`` are chosen from its output; it needs CUDA.
@@ -29,9 +30,8 @@ from tempnet.kernels.contrastive import Tiles, contrastive_side
 
 CE_CONFIGS = [(2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16), (16384, 16),
               (16384, 32)]
-TILE_CONFIGS = [Tiles(64, 64, 64, 128, 4), Tiles(64, 64, 64, 128, 8), Tiles(128, 64, 64, 128, 8),
-                Tiles(64, 128, 64, 128, 8), Tiles(128, 128, 64, 128, 8), Tiles(128, 64, 128, 128, 8),
-                Tiles(128, 128, 32, 64, 8), Tiles(64, 64, 128, 256, 8)]
+TILE_CONFIGS = [Tiles(64, 64, 64, 4), Tiles(64, 64, 64, 8), Tiles(128, 64, 64, 8), Tiles(64, 128, 64, 8),
+                Tiles(128, 128, 64, 8), Tiles(128, 64, 128, 8), Tiles(128, 128, 32, 8), Tiles(64, 64, 128, 8)]
 
 
 def sweep_cross_entropy(n_rows: int, vocab: int) -> list[dict]:
@@ -56,25 +56,45 @@ def sweep_cross_entropy(n_rows: int, vocab: int) -> list[dict]:
     return results
 
 
-def sweep_contrastive(batch: int, dim: int) -> list[dict]:
+def _contrastive_step(batch: int, dim: int):
     anchors = F.normalize(torch.randn(batch, dim, device="cuda"), dim=-1).bfloat16().requires_grad_()
     candidates = F.normalize(torch.randn(batch, dim, device="cuda"), dim=-1).bfloat16().requires_grad_()
     tau = (0.05 + 0.05 * torch.rand(batch, device="cuda")).requires_grad_()
     weights = torch.full((batch,), 1.0 / batch, device="cuda")
+
+    def step(tiles: Tiles | None = None, chunk_rows: int | None = None) -> None:
+        out = contrastive_side(anchors, candidates, tau, offset=0, rho=6.0, tiles=tiles, chunk_rows=chunk_rows)
+        torch.autograd.grad(out, (anchors, candidates, tau), weights)
+
+    return step
+
+
+def sweep_contrastive(batch: int, dim: int) -> list[dict]:
+    step = _contrastive_step(batch, dim)
     flops = 4 * 2 * batch * batch * dim
     results = []
     for tiles in TILE_CONFIGS:
-        def step(tiles=tiles):
-            out = contrastive_side(anchors, candidates, tau, offset=0, rho=6.0, tiles=tiles)
-            torch.autograd.grad(out, (anchors, candidates, tau), weights)
-        entry = {"tiles": [tiles.block_m, tiles.block_n, tiles.block_d, tiles.block_d_out, tiles.num_warps]}
+        entry = {"tiles": [tiles.block_m, tiles.block_n, tiles.block_d, tiles.num_warps]}
         try:
-            ms = do_bench(step, warmup=5, rep=50)
+            ms = do_bench(lambda tiles=tiles: step(tiles=tiles), warmup=5, rep=50)
             entry.update(ms=ms, TFLOPs=flops / ms / 1e9)
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"
         results.append(entry)
         print("contrastive", entry, flush=True)
+    return results
+
+
+def sweep_contrastive_chunks(batch: int, dim: int) -> list[dict]:
+    """Rows per backward chunk (default tiles): fewer, larger GEMMs against a larger buffer."""
+    step = _contrastive_step(batch, dim)
+    flops = 4 * 2 * batch * batch * dim
+    results = []
+    for chunk_rows in (512, 1024, 2048, 4096, 8192):
+        ms = do_bench(lambda chunk_rows=chunk_rows: step(chunk_rows=chunk_rows), warmup=5, rep=50)
+        results.append({"chunk_rows": chunk_rows, "buffer_MiB": chunk_rows * batch * 4 / 2**20, "ms": ms,
+                        "TFLOPs": flops / ms / 1e9})
+        print("contrastive chunk", results[-1], flush=True)
     return results
 
 
@@ -94,6 +114,7 @@ def main() -> None:
     }
     report["cross_entropy"] = sweep_cross_entropy(*args.ce_shape)
     report["contrastive"] = sweep_contrastive(*args.contrastive_shape)
+    report["contrastive_chunks"] = sweep_contrastive_chunks(*args.contrastive_shape)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_tune.json").write_text(json.dumps(report, indent=2))
     for key, metric in (("cross_entropy", "GBps"), ("contrastive", "TFLOPs")):

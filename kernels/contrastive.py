@@ -1,12 +1,19 @@
-"""Fused Triton kernels for one side of the contrastive loss of SPEC §2 (flash-style).
+"""Fused Triton kernels for one side of the contrastive loss of SPEC §2.
 
 :func:`contrastive_side` scores ``b`` anchors against ``B`` candidates without ever holding the
-``(b, B)`` similarity matrix: every program owns a block of anchors and streams candidate tiles,
-computing ``s = anchors @ candidates.T`` tile by tile with ``tl.dot`` and keeping an online
-log-sum-exp per anchor. The forward pass stores three ``(b,)`` statistics (loss, ``lse``, and
-``∂L/∂τ``); the backward pass recomputes the similarity tiles twice, once per anchor block for
-``∂/∂anchors`` and once per candidate block for ``∂/∂candidates`` (no atomics). Memory is
-``O((b + B)·D)``.
+``(b, B)`` similarity matrix:
+
+- forward (flash-style): every program owns a block of anchors and streams candidate tiles,
+  computing ``s = anchors @ candidates.T`` tile by tile with ``tl.dot`` and keeping an online
+  log-sum-exp per anchor; it stores three ``(b,)`` statistics (loss, ``lse``, ``∂L/∂τ``);
+- backward (row-chunked, :mod:`tempnet.kernels._chunked_gemm`): for chunks of anchors the
+  similarities are recomputed into one reusable buffer of at most ``CHUNK_BYTES`` (256 MiB), a
+  row kernel turns them into ``G`` below, and two GEMMs give ``∂/∂anchors = G @ candidates`` and
+  ``∂/∂candidates += G.T @ anchors``. Recomputing a similarity tile per output block in Triton
+  would redo the ``b·B·D`` product once per ``D``-block of the gradient (each program can hold
+  only a slice of the ``D`` columns in registers); cuBLAS does each product once.
+
+Memory is ``O((b + B)·D)`` plus the chunk buffer.
 
 With ``u_ij = s_ij / τ_i`` and ``p_i`` the softmax of ``u_i`` over the candidate set (all
 candidates for InfoNCE, the negatives ``j ≠ pos`` for the DRO loss), the per-anchor gradients are
@@ -14,8 +21,8 @@ candidates for InfoNCE, the negatives ``j ≠ pos`` for the DRO loss), the per-a
 - InfoNCE: ``∂L_i/∂s_ij = (p_ij − 1[j=pos]) / τ_i``, ``∂L_i/∂τ_i = −(Σ_j p_ij u_ij − u_i,pos) / τ_i``;
 - DRO:     ``∂L_i/∂s_ij = p_ij − 1[j=pos]``,         ``∂L_i/∂τ_i = H(p_i) − log(B−1) + ρ``,
 
-so the backward kernels only need ``G_ij = c_i (p_ij − 1[j=pos])`` with ``c_i = g_i/τ_i`` or
-``g_i`` (``g`` the incoming per-anchor gradient). ``Σ_j p_ij u_ij`` is accumulated online as
+so backward only needs ``G_ij = c_i (p_ij − 1[j=pos])`` with ``c_i = g_i/τ_i`` or ``g_i`` (``g`` the
+incoming per-anchor gradient). ``Σ_j p_ij u_ij`` is accumulated online as
 ``A = Σ_j exp(u_ij − m) (u_ij − m)`` next to ``l = Σ_j exp(u_ij − m)``, so ``H(p) = log l − A/l``
 never subtracts two large numbers.
 """
@@ -31,6 +38,7 @@ import triton.language as tl
 
 from tempnet._options import compute_dtype
 from tempnet.dispatch import triton_interpreter_enabled
+from tempnet.kernels._chunked_gemm import HALF, gradient_dtype, gradient_products, rows_per_chunk, scores_into
 
 # Floor of the running maximum: finite, so a tile whose entries are all masked (e.g. only the
 # positive) gives exp(-inf - floor) = 0 instead of exp(-inf + inf) = NaN.
@@ -39,14 +47,12 @@ _MAX_FLOOR = tl.constexpr(-1.0e30)
 
 @dataclass(frozen=True)
 class Tiles:
-    """Tile sizes: ``block_m`` anchors × ``block_n`` candidates per similarity tile, reduced over
-    ``block_d`` features at a time; the backward kernels write ``block_d_out`` feature columns of
-    the gradient per program. On a GPU every size must be a power of two ≥ 16."""
+    """Tile sizes of the forward kernel: ``block_m`` anchors × ``block_n`` candidates per similarity
+    tile, reduced over ``block_d`` features at a time. On a GPU every size must be a power of two ≥ 16."""
 
     block_m: int
     block_n: int
     block_d: int
-    block_d_out: int
     num_warps: int = 4
 
 
@@ -54,14 +60,14 @@ def default_tiles(dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     """Tile sizes for features of width ``dim``: whole feature rows in one chunk up to 128 wide."""
     block_d = min(max(triton.next_power_of_2(dim), 16), 128)
     if device.type != "cuda":
-        return Tiles(32, 32, block_d, block_d)
+        return Tiles(32, 32, block_d)
     if dtype == torch.float64:
-        return Tiles(32, 32, min(block_d, 64), min(block_d, 64))
+        return Tiles(32, 32, min(block_d, 64))
     if dtype in (torch.float16, torch.bfloat16):
         # Best of benchmarks/gpu_tune.py on an H200 (B = 16384, D = 768, bfloat16): 103 TFLOP/s
         # against 79 for 64 × 64 tiles (benchmarks/results/gpu_tune-h200-2026-11-26.json).
-        return Tiles(128, 128, min(block_d, 64), block_d, num_warps=8)
-    return Tiles(64, 64, min(block_d, 64), block_d, num_warps=8 if block_d >= 128 else 4)
+        return Tiles(128, 128, min(block_d, 64), num_warps=8)
+    return Tiles(64, 64, min(block_d, 64), num_warps=8 if block_d >= 128 else 4)
 
 
 @triton.jit
@@ -82,17 +88,6 @@ def _similarity_tile(a_ptr, c_ptr, rows, cols, row_mask, col_mask, dim, stride_a
             c = c.to(ACC_TY)
         s = tl.dot(a, tl.trans(c), s, input_precision="ieee", out_dtype=ACC_TY)
     return s
-
-
-@triton.jit
-def _grad_tile(s, inv_tau, lse, coef, rows, cols, col_mask, offset, DRO: tl.constexpr):
-    """``G = c_i (p_ij − 1[j = pos_i])`` for one tile (module docstring); 0 outside the candidates."""
-    is_pos = cols[None, :] == (rows + offset)[:, None]
-    keep = col_mask[None, :]
-    if DRO:
-        keep = keep & (cols[None, :] != (rows + offset)[:, None])
-    p = tl.where(keep, tl.exp(s * inv_tau[:, None] - lse[:, None]), 0.0)
-    return coef[:, None] * (p - tl.where(is_pos, 1.0, 0.0))
 
 
 @triton.jit
@@ -144,67 +139,27 @@ def _forward_kernel(a_ptr, c_ptr, tau_ptr, loss_ptr, lse_ptr, dtau_ptr, n_anchor
 
 
 @triton.jit
-def _grad_anchors_kernel(a_ptr, c_ptr, inv_tau_ptr, lse_ptr, coef_ptr, da_ptr, n_anchor, n_cand, dim, offset,
-                         stride_a, stride_c, stride_da,
-                         DRO: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_D_OUT: tl.constexpr):
-    """``∂/∂anchors[rows, feat_out] = Σ_j G_ij candidates[j, feat_out]``, streaming candidates."""
-    acc_ty = lse_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_anchor
-    feat_out = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    feat_out_mask = feat_out < dim
-    inv_tau = tl.load(inv_tau_ptr + rows, mask=row_mask, other=1.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_ty)
-    for n0 in range(0, n_cand, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cand
-        s = _similarity_tile(a_ptr, c_ptr, rows, cols, row_mask, col_mask, dim, stride_a, stride_c,
-                             acc_ty, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
-        g = _grad_tile(s, inv_tau, lse, coef, rows, cols, col_mask, offset, DRO)
-        c = tl.load(c_ptr + cols[:, None] * stride_c + feat_out[None, :],
-                    mask=col_mask[:, None] & feat_out_mask[None, :], other=0.0)
-        if UPCAST:
-            c = c.to(acc_ty)
-        else:
-            g = g.to(c.dtype)
-        acc = tl.dot(g, c, acc, input_precision="ieee", out_dtype=acc_ty)
-    tl.store(da_ptr + rows[:, None] * stride_da + feat_out[None, :], acc,
-             mask=row_mask[:, None] & feat_out_mask[None, :])
+def _similarity_grad_kernel(s_ptr, stride_s, g_ptr, stride_g, inv_tau_ptr, lse_ptr, coef_ptr, n_cand, first_row,
+                            offset, DRO: tl.constexpr, BLOCK: tl.constexpr):
+    """``G[r, j] = c_i (p_ij − 1[j = pos_i])`` for anchor ``i = first_row + r`` of a chunk of similarities.
 
-
-@triton.jit
-def _grad_candidates_kernel(a_ptr, c_ptr, inv_tau_ptr, lse_ptr, coef_ptr, dc_ptr, n_anchor, n_cand, dim, offset,
-                            stride_a, stride_c, stride_dc,
-                            DRO: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_D_OUT: tl.constexpr):
-    """``∂/∂candidates[cols, feat_out] = Σ_i G_ij anchors[i, feat_out]``, streaming anchors."""
-    acc_ty = lse_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cand
-    feat_out = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    feat_out_mask = feat_out < dim
-    acc = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_ty)
-    for m0 in range(0, n_anchor, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_anchor
-        inv_tau = tl.load(inv_tau_ptr + rows, mask=row_mask, other=1.0)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-        s = _similarity_tile(a_ptr, c_ptr, rows, cols, row_mask, col_mask, dim, stride_a, stride_c,
-                             acc_ty, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
-        g = _grad_tile(s, inv_tau, lse, coef, rows, cols, col_mask, offset, DRO)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + feat_out[None, :],
-                    mask=row_mask[:, None] & feat_out_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(acc_ty)
-        else:
-            g = g.to(a.dtype)
-        acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee", out_dtype=acc_ty)
-    tl.store(dc_ptr + cols[:, None] * stride_dc + feat_out[None, :], acc,
-             mask=col_mask[:, None] & feat_out_mask[None, :])
+    ``p_ij = exp(s_ij/τ_i − lse_i)`` (0 at the positive in DRO mode); one program per
+    ``(row, BLOCK columns)``; ``G`` may overwrite ``s`` or go to a buffer of another dtype.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cand
+    i = first_row + r
+    inv_tau = tl.load(inv_tau_ptr + i)
+    lse = tl.load(lse_ptr + i)
+    coef = tl.load(coef_ptr + i)
+    is_pos = cols == i + offset
+    s = tl.load(s_ptr + r * stride_s + cols, mask=mask, other=0.0)
+    p = tl.exp(s * inv_tau - lse)
+    if DRO:
+        p = tl.where(is_pos, 0.0, p)
+    g = coef * (p - tl.where(is_pos, 1.0, 0.0))
+    tl.store(g_ptr + r * stride_g + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _upcast(features: torch.Tensor) -> bool:
@@ -225,7 +180,7 @@ def _row_major(features: torch.Tensor) -> torch.Tensor:
 class _ContrastiveSide(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors: torch.Tensor, candidates: torch.Tensor, tau: torch.Tensor, offset: int,
-                rho: float | None, tiles: Tiles) -> torch.Tensor:
+                rho: float | None, tiles: Tiles, chunk_rows: int | None) -> torch.Tensor:
         anchors, candidates = _row_major(anchors), _row_major(candidates)
         n_anchor, dim = anchors.shape
         n_cand = candidates.shape[0]
@@ -246,43 +201,49 @@ class _ContrastiveSide(torch.autograd.Function):
             loss += shift * tau.to(acc_dtype)
             dtau += shift
         ctx.save_for_backward(anchors, candidates, tau, lse, dtau)
-        ctx.offset, ctx.dro, ctx.tiles = offset, dro, tiles
+        ctx.offset, ctx.dro, ctx.chunk_rows = offset, dro, chunk_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         anchors, candidates, tau, lse, dtau = ctx.saved_tensors
-        tiles: Tiles = ctx.tiles
-        n_anchor, dim = anchors.shape
-        n_cand = candidates.shape[0]
-        g = grad_loss.to(lse.dtype).contiguous()
-        tau_acc = tau.to(lse.dtype)
+        need_anchors, need_candidates, need_tau = ctx.needs_input_grad[:3]
+        n_anchor, n_cand = anchors.shape[0], candidates.shape[0]
+        acc = lse.dtype
+        g = grad_loss.to(acc)
         grad_anchors = grad_candidates = grad_tau = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            inv_tau = (1.0 / tau_acc).contiguous()
-            coef = g if ctx.dro else g * inv_tau
-            common = dict(DRO=ctx.dro, UPCAST=_upcast(anchors), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                          BLOCK_D=tiles.block_d, BLOCK_D_OUT=tiles.block_d_out, num_warps=tiles.num_warps)
-            d_blocks = triton.cdiv(dim, tiles.block_d_out)
-            if ctx.needs_input_grad[0]:
+        if need_anchors or need_candidates:
+            inv_tau = (1.0 / tau.to(acc)).contiguous()
+            coef = (g if ctx.dro else g * inv_tau).contiguous()
+            chunk = ctx.chunk_rows or rows_per_chunk(n_anchor, n_cand, torch.finfo(acc).bits // 8)
+            scores = torch.empty(min(chunk, n_anchor), n_cand, dtype=acc, device=anchors.device)
+            grad_dtype = gradient_dtype(anchors, acc)
+            grads = scores if grad_dtype == acc else torch.empty(scores.shape, dtype=grad_dtype, device=anchors.device)
+            if need_anchors:
                 grad_anchors = torch.empty_like(anchors)
-                _grad_anchors_kernel[(triton.cdiv(n_anchor, tiles.block_m), d_blocks)](
-                    anchors, candidates, inv_tau, lse, coef, grad_anchors, n_anchor, n_cand, dim, ctx.offset,
-                    anchors.stride(0), candidates.stride(0), grad_anchors.stride(0), **common,
+            if need_candidates:
+                table_dtype = acc if candidates.dtype in HALF else candidates.dtype
+                grad_candidates = torch.zeros(candidates.shape, dtype=table_dtype, device=candidates.device)
+            block = min(triton.next_power_of_2(n_cand), 1024)
+            for start in range(0, n_anchor, chunk):
+                end = min(start + chunk, n_anchor)
+                sims = scores_into(scores[:end - start], anchors[start:end], candidates)
+                grad_sims = grads[:end - start]
+                _similarity_grad_kernel[(end - start, triton.cdiv(n_cand, block))](
+                    sims, sims.stride(0), grad_sims, grad_sims.stride(0), inv_tau, lse, coef, n_cand, start,
+                    ctx.offset, DRO=ctx.dro, BLOCK=block,
                 )
-            if ctx.needs_input_grad[1]:
-                grad_candidates = torch.empty_like(candidates)
-                _grad_candidates_kernel[(triton.cdiv(n_cand, tiles.block_n), d_blocks)](
-                    anchors, candidates, inv_tau, lse, coef, grad_candidates, n_anchor, n_cand, dim, ctx.offset,
-                    anchors.stride(0), candidates.stride(0), grad_candidates.stride(0), **common,
-                )
-        if ctx.needs_input_grad[2]:
+                gradient_products(grad_sims, anchors[start:end], candidates,
+                                  grad_anchors[start:end] if need_anchors else None, grad_candidates)
+            if grad_candidates is not None:
+                grad_candidates = grad_candidates.to(candidates.dtype)
+        if need_tau:
             grad_tau = (g * dtau).to(tau.dtype)
-        return grad_anchors, grad_candidates, grad_tau, None, None, None
+        return grad_anchors, grad_candidates, grad_tau, None, None, None, None
 
 
 def contrastive_side(anchors: torch.Tensor, candidates: torch.Tensor, tau: torch.Tensor, *, offset: int,
-                     rho: float | None, tiles: Tiles | None = None) -> torch.Tensor:
+                     rho: float | None, tiles: Tiles | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """Per-anchor contrastive losses of SPEC §2 (backend protocol, :mod:`tempnet.backends`).
 
     Args:
@@ -291,7 +252,9 @@ def contrastive_side(anchors: torch.Tensor, candidates: torch.Tensor, tau: torch
         tau: ``(b,)`` floating, > 0; may be a stride-0 view of a scalar.
         offset: index of anchor 0's positive among the candidates, ``0 <= offset <= B − b``.
         rho: ``None`` for InfoNCE (positive in the denominator), else the DRO ρ (needs ``B >= 2``).
-        tiles: tile sizes (default :func:`default_tiles`).
+        tiles: tile sizes of the forward kernel (default :func:`default_tiles`).
+        chunk_rows: anchors per chunk of the backward pass (default: the chunk rule of
+            :mod:`tempnet.kernels._chunked_gemm`, at most ``CHUNK_BYTES`` of similarities).
 
     Returns:
         ``(b,)`` losses in float32 (float64 for float64 features), differentiable w.r.t.
@@ -302,4 +265,4 @@ def contrastive_side(anchors: torch.Tensor, candidates: torch.Tensor, tau: torch
         raise ValueError(f"offset={offset} puts the positives of {n_anchor} anchors outside {n_cand} candidates")
     if tiles is None:
         tiles = default_tiles(anchors.shape[1], anchors.dtype, anchors.device)
-    return _ContrastiveSide.apply(anchors, candidates, tau, offset, rho, tiles)
+    return _ContrastiveSide.apply(anchors, candidates, tau, offset, rho, tiles, chunk_rows)

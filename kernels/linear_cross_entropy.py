@@ -7,25 +7,18 @@ half-precision inputs, so the logits are never rounded to bfloat16 before ``/ τ
 - forward: ``z_chunk = hidden_chunk @ weight.T (+ bias)`` (cuBLAS), then the fused row kernel
   (:mod:`tempnet.kernels._ce_row`, pass 1 only) gives the rows, ``lse`` and ``∂R/∂τ``;
 - backward: the chunk's logits are recomputed, the kernel's pass 2 (``lse`` given, per-row scale
-  ``g`` fused) overwrites them in place with ``g ⊙ ∂R/∂z``, and
+  ``g`` fused) writes ``dz = g ⊙ ∂R/∂z`` (over them in place, or on a GPU with half-precision
+  inputs into a buffer of the input dtype, the GEMM operand), and
   ``grad_hidden_chunk = dz @ weight``, ``grad_weight += dz.T @ hidden_chunk``,
   ``grad_bias += Σ_rows dz``.
 
-Chunk size rule (:func:`rows_per_chunk`): ``C = ⌊budget / (V · 4)⌋`` rows (8 for float64), rounded
-down to a multiple of 128 when at least 128 (GEMM tiles), clamped to ``[1, N]``; ``budget`` is
-:data:`CHUNK_BYTES` (256 MiB) on the CPU and :data:`GPU_CHUNK_BYTES` (1 GiB) on a GPU, where every
-chunk also costs one read and one write of the float32 ``grad_weight`` accumulator, so fewer,
-larger chunks pay. The logits buffer never exceeds the budget (except for a single row wider
-than it). Peak extra memory is that buffer, plus for float16 / bfloat16 inputs its copy in the
-input dtype (the GEMM operand of the gradient products) and a float32 ``(V, D)`` accumulator of
-``grad_weight`` (on the CPU a ``(⌊budget / (D · 4)⌋, D)`` slice of the per-chunk
-``dz.T @ hidden`` product instead of the copy); it scales with the chunk, never with ``N · V``.
-
-On a GPU the half-precision products run on cuBLAS with float32 output where it matters:
-``torch.mm(..., out_dtype=float32)`` writes the chunk logits straight into the float32 buffer,
-and ``torch.addmm(grad_weight, dz.T, hidden_chunk, out_dtype=float32)`` accumulates
-``grad_weight`` in float32 in the GEMM's epilogue; ``grad_hidden`` is one half-precision GEMM
-(float32 accumulation inside, rounded once).
+Chunks and GEMMs: :mod:`tempnet.kernels._chunked_gemm`. The budget of the logits buffer is
+``CHUNK_BYTES`` (256 MiB) on the CPU and ``GPU_CHUNK_BYTES`` (1 GiB) on a GPU, where every chunk
+also costs one read and one write of the float32 ``grad_weight`` accumulator, so fewer, larger
+chunks pay. Peak extra memory is that buffer, plus for float16 / bfloat16 inputs a float32
+``(V, D)`` accumulator of ``grad_weight`` and, on a GPU, the chunk gradient in the input dtype
+(on the CPU a ``(⌊budget / (D · 4)⌋, D)`` slice of the per-chunk ``dz.T @ hidden`` product); it
+scales with the chunk, never with ``N · V``.
 """
 
 from __future__ import annotations
@@ -34,69 +27,16 @@ import torch
 
 from tempnet._options import CEOptions, compute_dtype
 from tempnet.kernels._ce_row import launch_ce_rows
+from tempnet.kernels._chunked_gemm import (
+    CHUNK_BYTES,
+    GPU_CHUNK_BYTES,
+    HALF,
+    gradient_dtype,
+    gradient_products,
+    rows_per_chunk,
+    scores_into,
+)
 from tempnet.kernels.cross_entropy import class_weight_sum
-
-CHUNK_BYTES = 256 * 2**20
-GPU_CHUNK_BYTES = 2**30
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def rows_per_chunk(n_rows: int, vocab: int, element_size: int, budget: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so that a ``(rows, vocab)`` buffer of ``element_size`` bytes fits ``budget``."""
-    rows = budget // (vocab * element_size)
-    if rows >= 128:
-        rows -= rows % 128
-    return max(1, min(n_rows, rows))
-
-
-def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """``out (C, V) = hidden (C, D) @ weight.T (+ bias)``, ``out`` in the accumulation dtype.
-
-    Half-precision inputs give float32 logits: rounding them to bfloat16 before ``/ τ`` would
-    move ``u`` by up to ``|z| · 2⁻⁸ / τ``. On CUDA the GEMM accumulates in float32 and writes
-    float32 directly; elsewhere the operands are upcast.
-    """
-    if out.dtype != hidden.dtype:
-        if hidden.is_cuda:
-            torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
-        else:
-            torch.mm(hidden.to(out.dtype), weight.t().to(out.dtype), out=out)
-        return out if bias is None else out.add_(bias.to(out.dtype))
-    if bias is None:
-        return torch.mm(hidden, weight.t(), out=out)
-    return torch.addmm(bias, hidden, weight.t(), out=out)
-
-
-def _gradient_products(dz: torch.Tensor, hidden_chunk: torch.Tensor, weight: torch.Tensor,
-                       grad_hidden_chunk: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
-    """``grad_hidden_chunk = dz @ weight`` and ``grad_weight += dz.T @ hidden_chunk``.
-
-    ``dz (C, V)`` is in the accumulation dtype; for half-precision inputs it is rounded to their
-    dtype once per chunk (GPU GEMM operand) and ``grad_weight`` is a float32 accumulator.
-    """
-    if dz.dtype == weight.dtype:
-        if grad_hidden_chunk is not None:
-            torch.mm(dz, weight, out=grad_hidden_chunk)
-        if grad_weight is not None:
-            grad_weight.addmm_(dz.t(), hidden_chunk)
-        return
-    if dz.is_cuda:
-        dz_half = dz.to(weight.dtype)
-        if grad_hidden_chunk is not None:
-            torch.mm(dz_half, weight, out=grad_hidden_chunk)
-        if grad_weight is not None:
-            torch.addmm(grad_weight, dz_half.t(), hidden_chunk, out_dtype=grad_weight.dtype, out=grad_weight)
-        return
-    if grad_hidden_chunk is not None:
-        grad_hidden_chunk.copy_(torch.mm(dz, weight.to(dz.dtype)))
-    if grad_weight is not None:
-        # float32 products by V-slices, so the temporary stays within the chunk budget.
-        vocab, dim = grad_weight.shape
-        step = max(1, CHUNK_BYTES // (dim * dz.element_size()))
-        hidden_acc = hidden_chunk.to(dz.dtype)
-        for start in range(0, vocab, step):
-            grad_weight[start:start + step].addmm_(dz[:, start:start + step].t(), hidden_acc)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -120,7 +60,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         buffer = torch.empty(min(chunk, n_rows), vocab, dtype=acc, device=device)
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
-            logits = _logits_into(buffer[:end - start], hidden[start:end], weight, bias_cast)
+            logits = scores_into(buffer[:end - start], hidden[start:end], weight, bias_cast)
             launch_ce_rows(logits, target[start:end], tau[start:end], opts, weight_sum=weight_sum,
                            rows=rows[start:end], lse=lse[start:end],
                            dtau=None if dtau is None else dtau[start:end], block_v=block_v)
@@ -140,7 +80,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty((n_rows, dim), dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = None
         if need_weight:
-            grad_weight = torch.zeros((vocab, dim), dtype=acc if weight.dtype in _HALF else weight.dtype,
+            grad_weight = torch.zeros((vocab, dim), dtype=acc if weight.dtype in HALF else weight.dtype,
                                       device=weight.device)
         grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_bias else None
         if need_hidden or need_weight or need_bias:
@@ -148,15 +88,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             weight_sum = class_weight_sum(ctx.opts, acc)
             chunk = ctx.chunk
             buffer = torch.empty(min(chunk, n_rows), vocab, dtype=acc, device=hidden.device)
+            grad_dtype = gradient_dtype(hidden, acc)
+            dz_buffer = buffer if grad_dtype == acc else torch.empty(buffer.shape, dtype=grad_dtype,
+                                                                     device=hidden.device)
             for start in range(0, n_rows, chunk):
                 end = min(start + chunk, n_rows)
                 hidden_chunk = hidden[start:end]
-                dz = _logits_into(buffer[:end - start], hidden_chunk, weight, bias_cast)
-                launch_ce_rows(dz, target[start:end], tau[start:end], ctx.opts, weight_sum=weight_sum, rows=None,
+                logits = scores_into(buffer[:end - start], hidden_chunk, weight, bias_cast)
+                dz = dz_buffer[:end - start]
+                launch_ce_rows(logits, target[start:end], tau[start:end], ctx.opts, weight_sum=weight_sum, rows=None,
                                lse=lse[start:end], dtau=None, grad=dz, lse_given=True, scale=grad_rows[start:end],
                                block_v=ctx.block_v)
-                _gradient_products(dz, hidden_chunk, weight, grad_hidden[start:end] if need_hidden else None,
-                                   grad_weight)
+                gradient_products(dz, hidden_chunk, weight, grad_hidden[start:end] if need_hidden else None,
+                                  grad_weight)
                 if need_bias:
                     grad_bias += dz.sum(0, dtype=acc)
         if grad_weight is not None:

@@ -10,7 +10,8 @@ import torch
 import tempnet
 from tempnet import reference
 from tempnet._options import CEOptions
-from tempnet.kernels.linear_cross_entropy import CHUNK_BYTES, linear_cross_entropy_rows, rows_per_chunk
+from tempnet.kernels._chunked_gemm import CHUNK_BYTES, rows_per_chunk
+from tempnet.kernels.linear_cross_entropy import linear_cross_entropy_rows
 
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
 
