@@ -25,6 +25,9 @@ import torch
 CHUNK_BYTES = 256 * 2**20
 GPU_CHUNK_BYTES = 2**30
 HALF = (torch.float16, torch.bfloat16)
+# ``torch.mm`` / ``torch.addmm`` with both ``out_dtype`` and ``out=`` (CUDA). Builds that only have
+# the allocating ``out_dtype`` form get the product in a temporary, then copied or added.
+_DTYPE_OUT = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
 
 
 def rows_per_chunk(n_rows: int, width: int, element_size: int, budget: int = CHUNK_BYTES) -> int:
@@ -45,8 +48,10 @@ def scores_into(out: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out (C, M) = rows (C, D) @ table.T (+ bias)``, ``out`` in the accumulation dtype."""
     if out.dtype != rows.dtype:
-        if rows.is_cuda:
+        if rows.is_cuda and _DTYPE_OUT:
             torch.mm(rows, table.t(), out_dtype=out.dtype, out=out)
+        elif rows.is_cuda:
+            out.copy_(torch.mm(rows, table.t(), out_dtype=out.dtype))
         else:
             torch.mm(rows.to(out.dtype), table.t().to(out.dtype), out=out)
         return out if bias is None else out.add_(bias.to(out.dtype))
@@ -67,8 +72,10 @@ def gradient_products(grad_scores: torch.Tensor, rows: torch.Tensor, table: torc
             torch.mm(grad_scores, table, out=grad_rows)
         if grad_table is not None and grad_table.dtype == table.dtype:
             grad_table.addmm_(grad_scores.t(), rows)
-        elif grad_table is not None:
+        elif grad_table is not None and _DTYPE_OUT:
             torch.addmm(grad_table, grad_scores.t(), rows, out_dtype=grad_table.dtype, out=grad_table)
+        elif grad_table is not None:
+            grad_table += torch.mm(grad_scores.t(), rows, out_dtype=grad_table.dtype)
         return
     if grad_rows is not None:
         grad_rows.copy_(torch.mm(grad_scores, table.to(grad_scores.dtype)))

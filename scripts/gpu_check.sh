@@ -14,7 +14,8 @@ export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)
+print('mm', torch.ops.aten.mm.overloads(), 'addmm', torch.ops.aten.addmm.overloads())"; } \
   >"$out/env.txt" 2>&1
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
