@@ -30,26 +30,14 @@ from tempnet.dispatch import triton_interpreter_enabled
 
 @triton.jit
 def _softcap(z, cap, inv_cap):
-    """``(cap·tanh(z/cap), tanh(z/cap))``.
+    """``(cap·tanh(z/cap), tanh(z/cap))``; tanh through ``exp`` so ±inf saturate to ±1.
 
-    float32: ``tanh(x) = x·P(x²)/Q(x²)``, the rational fit of ``tanh_rational`` in
-    ``csrc/common.h`` (same coefficients; ≤ 6 ulp): one division and no ``exp``, which matters
-    on a GPU where the special-function units, not memory, bound a softcapped row. ``x`` is
-    clamped to ``[−9, 9]`` first (``|tanh|`` rounds to 1 beyond) and the result to ``[−1, 1]``;
-    the ``where`` clamps let a NaN through. float64: ``1 − 2/(exp(2x) + 1)`` (±inf saturate).
+    One ``exp`` and one division per element. On an H200 the rational tanh of the C++ kernel
+    (eight FMAs and a division) made the softcapped row slower, not faster: all options on
+    took 2.19× the time of all options off against 1.72× with this form
+    (benchmarks/results/cuda-h200-2026-11-26*.md).
     """
-    x = z * inv_cap
-    if x.dtype == tl.float64:
-        th = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-    else:
-        xc = tl.where(x > 9.0, 9.0, tl.where(x < -9.0, -9.0, x))
-        t = xc * xc
-        num = ((1.3354667594001057e-08 * t + 2.060920451185666e-05) * t + 0.0034956010058522224) * t
-        num = (num + 0.1338103860616684) * t + 1.0
-        den = ((7.77659465711622e-07 * t + 0.00032856519101187587) * t + 0.02587703801691532) * t
-        den = (den + 0.46714353561401367) * t + 1.0
-        th = xc * num / den
-        th = tl.where(th > 1.0, 1.0, tl.where(th < -1.0, -1.0, th))
+    th = 1.0 - 2.0 / (tl.exp(2.0 * z * inv_cap) + 1.0)
     return cap * th, th
 
 
@@ -205,7 +193,7 @@ def launch_config(vocab: int, block_v: int | None = None, num_warps: int | None 
     ``BLOCK_V`` is the power of two covering the row, capped at 4096 on a GPU (1024 under the
     interpreter), so any ``V`` is streamed in a bounded number of registers; 4 warps up to 4096
     columns. On an H200 (bfloat16, N = 16384, V = 128256, both passes) 4096 × 4 warps moved
-    3.9 TB/s against 3.6 for 16384 × 16 (benchmarks/results/gpu_tune-h200-2026-11-26.json).
+    3.8 TB/s against 3.5 for 16384 × 16 (benchmarks/results/gpu_tune-h200-2026-11-26.json).
     ``block_v`` overrides it (tests use it to force multi-block rows); ``num_warps`` overrides the
     warp count (``benchmarks/gpu_tune.py`` sweeps both).
     """

@@ -64,8 +64,8 @@ def default_tiles(dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     if dtype == torch.float64:
         return Tiles(32, 32, min(block_d, 64))
     if dtype in (torch.float16, torch.bfloat16):
-        # Best of benchmarks/gpu_tune.py on an H200 (B = 16384, D = 768, bfloat16): 103 TFLOP/s
-        # against 79 for 64 × 64 tiles (benchmarks/results/gpu_tune-h200-2026-11-26.json).
+        # Best of benchmarks/gpu_tune.py on an H200 (B = 16384, D = 768, bfloat16, one side forward +
+        # backward): 478 TFLOP/s against 435 for 64 × 64 tiles (benchmarks/results/gpu_tune-h200-2026-11-26.json).
         return Tiles(128, 128, min(block_d, 64), num_warps=8)
     return Tiles(64, 64, min(block_d, 64), num_warps=8 if block_d >= 128 else 4)
 
