@@ -55,8 +55,9 @@ def tempered_cross_entropy(
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see :mod:`tempnet.dispatch`).
         softcap, label_smoothing, weight, z_loss: the options of SPEC §1b.
         return_lse: also return the per-row ``lse(z/τ)`` (shape of ``target``, 0 at ignored rows).
-        inplace_backward: let a fused backend overwrite ``logits`` with its gradient during the
-            forward pass, saving one ``(N, V)`` buffer. ``logits`` must not be read afterwards.
+        inplace_backward: let a fused backend overwrite ``logits`` with their gradient (the C++
+            backend during the forward pass, Triton during backward), saving one ``(N, V)``
+            buffer. ``logits`` must not be read after this call; one backward pass only.
 
     Returns:
         The loss, float32 for half-precision logits, else the logits' dtype; with
