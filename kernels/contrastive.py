@@ -1,7 +1,7 @@
 """Fused Triton kernels for one side of the contrastive loss of SPEC §2.
 
-:func:`contrastive_side` scores ``b`` anchors against ``B`` candidates without ever holding the
-``(b, B)`` similarity matrix:
+:func:`contrastive_side` scores ``b`` anchors against ``B`` candidates holding at most a
+``CHUNK_BYTES`` chunk of rows of the ``(b, B)`` similarity matrix (all of it only when it is that small):
 
 - forward (flash-style): every program owns a block of anchors and streams candidate tiles,
   computing ``s = anchors @ candidates.T`` tile by tile with ``tl.dot`` and keeping an online
@@ -258,7 +258,8 @@ def contrastive_side(anchors: torch.Tensor, candidates: torch.Tensor, tau: torch
 
     Returns:
         ``(b,)`` losses in float32 (float64 for float64 features), differentiable w.r.t.
-        ``anchors``, ``candidates`` and ``tau``; the ``(b, B)`` similarities are never stored.
+        ``anchors``, ``candidates`` and ``tau``; the ``(b, B)`` similarities are never stored
+        (backward recomputes them, at most ``CHUNK_BYTES`` at a time).
     """
     n_anchor, n_cand = anchors.shape[0], candidates.shape[0]
     if not 0 <= offset <= n_cand - n_anchor:

@@ -133,7 +133,8 @@ def tempered_contrastive_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (returns ``(LI, LT)``, each ``(B,)``).
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
-    The fused backends never hold the ``(B, B)`` similarity matrix.
+    The fused backends never store the ``(B, B)`` similarity matrix: Triton recomputes it in backward
+    in row chunks of at most 256 MiB, C++ in tiles.
     """
     tau_i, tau_t = prepare_contrastive(image_features, text_features, tau_image, tau_text, rho=rho,
                                        reduction=reduction)
