@@ -198,23 +198,37 @@ void exp_block(acc_t* u, int64_t n, acc_t m, acc_t& s, acc_t& b) {
   b += bb;
 }
 
-// out[0:n] = (alpha e − q w) · chain, with w = 1 without weights and chain = 1 without softcap.
-template <typename acc_t>
-void grad_block(const acc_t* e, const acc_t* w, const acc_t* chain, acc_t* out, int64_t n, acc_t alpha, acc_t q) {
+// out[0:n] = (alpha e − q w) · chain, with w = 1 without weights and chain = 1 without softcap; one loop per
+// combination of the options (kSmooth: q ≠ 0), so none of them is tested per element.
+template <bool kSmooth, bool kWeight, bool kChain, typename acc_t>
+void grad_block_for(const acc_t* e, const acc_t* w, const acc_t* chain, acc_t* out, int64_t n, acc_t alpha, acc_t q) {
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t nv = n - n % Vec::size();
   const Vec va(alpha), vq(q);
   int64_t k = 0;
   for (; k < nv; k += Vec::size()) {
     Vec g = Vec::loadu(e + k) * va;
-    if (q != acc_t(0)) g = w != nullptr ? at::vec::fnmadd(vq, Vec::loadu(w + k), g) : g - vq;
-    if (chain != nullptr) g = g * Vec::loadu(chain + k);
+    if constexpr (kSmooth) g = kWeight ? at::vec::fnmadd(vq, Vec::loadu(w + k), g) : g - vq;
+    if constexpr (kChain) g = g * Vec::loadu(chain + k);
     g.store(out + k);
   }
   for (; k < n; ++k) {  // the same roundings as a vector lane
-    const acc_t g = w != nullptr ? std::fma(-q, w[k], alpha * e[k]) : alpha * e[k] - q;
-    out[k] = chain != nullptr ? g * chain[k] : g;
+    acc_t g = alpha * e[k];
+    if constexpr (kSmooth) g = kWeight ? std::fma(-q, w[k], g) : g - q;
+    out[k] = kChain ? g * chain[k] : g;
   }
+}
+
+template <typename acc_t>
+void grad_block(const acc_t* e, const acc_t* w, const acc_t* chain, acc_t* out, int64_t n, acc_t alpha, acc_t q) {
+  using Fn = void (*)(const acc_t*, const acc_t*, const acc_t*, acc_t*, int64_t, acc_t, acc_t);
+  static constexpr Fn kVariants[8] = {
+      grad_block_for<false, false, false, acc_t>, grad_block_for<false, false, true, acc_t>,
+      grad_block_for<false, true, false, acc_t>,  grad_block_for<false, true, true, acc_t>,
+      grad_block_for<true, false, false, acc_t>,  grad_block_for<true, false, true, acc_t>,
+      grad_block_for<true, true, false, acc_t>,   grad_block_for<true, true, true, acc_t>};
+  const int variant = (q != acc_t(0)) * 4 + (w != nullptr) * 2 + (chain != nullptr);
+  kVariants[variant](e, w, chain, out, n, alpha, q);
 }
 
 // row[0:n] *= g (the per-row incoming gradient).
